@@ -1,0 +1,198 @@
+"""The one configuration file: TOML, with NEWSLETTER_<SECTION>__<KEY> environment overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from email_validator import EmailNotValidError, validate_email
+
+DEFAULT_PATH = "config.toml"
+ENV_PREFIX = "NEWSLETTER_"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message is one line naming the key or file and what to fix."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str = "Example Blog"
+    base_url: str = "http://localhost:8000"
+    feed_url: str = ""
+    templates_dir: str = ""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    secret_key: str = ""
+    secret_key_fallbacks: list[str] = field(default_factory=list)
+    confirm_max_age_hours: int = 48
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///newsletter.db"
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    host: str = "localhost"
+    port: int = 587
+    security: str = "starttls"
+    username: str = ""
+    password: str = ""
+    from_: str = "Example Blog <news@example.com>"
+    timeout: int = 30
+    connections: int = 4
+    batch_size: int = 50
+
+
+@dataclass(frozen=True)
+class Config:
+    site: SiteConfig = field(default_factory=SiteConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    source: str = "defaults"
+    demo: bool = False
+
+    @property
+    def from_address(self) -> Address:
+        name, addr = parseaddr(self.smtp.from_)
+        local, _, domain = addr.rpartition("@")
+        return Address(display_name=name, username=local, domain=domain)
+
+    @property
+    def base_url(self) -> str:
+        return self.site.base_url.rstrip("/")
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys changed, e.g. ``replace(smtp={"port": 2525})``."""
+        changes = {
+            name: dataclasses.replace(getattr(self, name), **_field_names(values))
+            for name, values in sections.items()
+        }
+        return _validated(dataclasses.replace(self, **changes))
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("source", "demo")}
+SECURITY_CHOICES = ("none", "starttls", "tls")
+
+
+def _field_names(values: dict[str, Any]) -> dict[str, Any]:
+    return {("from_" if key == "from" else key): value for key, value in values.items()}
+
+
+def _toml_key(field_name: str) -> str:
+    return field_name.rstrip("_")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, environ: dict[str, str] | None = None) -> Config:
+    """Read the file named by PATH, else $NEWSLETTER_CONFIG, else ./config.toml, then apply overrides."""
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or "NEWSLETTER_CONFIG" in environ
+    file = Path(path if path is not None else environ.get("NEWSLETTER_CONFIG", DEFAULT_PATH))
+    data: dict[str, Any] = {}
+    if file.is_file():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: not valid TOML ({exc}); fix the file") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read it ({exc.strerror})") from None
+    elif explicit:
+        raise ConfigError(f"{file}: no such configuration file; copy config.example.toml there and edit it")
+    _apply_environment(data, environ)
+    return config_from_dict(data, source=str(file) if file.is_file() else f"{file} (not found)")
+
+
+def _apply_environment(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "NEWSLETTER_CONFIG":
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        data.setdefault(section, {})[key] = value
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "settings", demo: bool = False) -> Config:
+    """Build and validate a Config from TOML-shaped data (strings are converted where a number is due)."""
+    sections: dict[str, Any] = {}
+    for section, values in data.items():
+        factory = SECTIONS.get(section)
+        if factory is None or not isinstance(values, dict):
+            raise ConfigError(f"{source}: unknown section [{section}]; known sections are "
+                              + ", ".join(f"[{s}]" for s in SECTIONS))
+        defaults = factory()
+        fields = {_toml_key(f.name): f for f in dataclasses.fields(defaults)}
+        converted = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key [{section}] {key}; known keys are " + ", ".join(fields))
+            converted[fields[key].name] = _convert(value, getattr(defaults, fields[key].name), f"[{section}] {key}")
+        sections[section] = dataclasses.replace(defaults, **converted)
+    return _validated(Config(**sections, source=source, demo=demo))
+
+
+def _convert(value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+        return value
+    if isinstance(default, int):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}") from None
+        if number < 0 or isinstance(value, (bool, float)):
+            raise ConfigError(f"{where} must be a whole number of 0 or more, not {value!r}")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def _validated(config: Config) -> Config:
+    where = config.source
+    if not config.security.secret_key and not config.demo:
+        raise ConfigError(f"{where}: [security] secret_key is empty; set it to a long random string, e.g. the "
+                          "output of: python -c \"import secrets; print(secrets.token_urlsafe(48))\"")
+    url = urlsplit(config.site.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname or not config.site.base_url.isascii() \
+            or len(config.site.base_url) > 200 or any(c in config.site.base_url for c in " \"<>"):
+        raise ConfigError(f"{where}: [site] base_url must be an absolute http(s) URL in ASCII (Punycode for IDN) of at most 200 characters, not {config.site.base_url!r}")
+    if config.smtp.security not in SECURITY_CHOICES:
+        raise ConfigError(f"{where}: [smtp] security must be one of {', '.join(SECURITY_CHOICES)}, "
+                          f"not {config.smtp.security!r}")
+    if not 0 < config.smtp.port < 65536:
+        raise ConfigError(f"{where}: [smtp] port must be between 1 and 65535, not {config.smtp.port}")
+    if config.smtp.connections < 1 or config.smtp.batch_size < 1:
+        raise ConfigError(f"{where}: [smtp] connections and batch_size must be at least 1")
+    name, addr = parseaddr(config.smtp.from_)
+    if any(c in config.smtp.from_ for c in "\r\n\0") or "=?" in config.smtp.from_:
+        raise ConfigError(f"{where}: [smtp] from must be one line of plain text")
+    try:
+        validate_email(addr, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ConfigError(f"{where}: [smtp] from must be an address like \"Blog <news@example.com>\" ({exc})") from None
+    if any(c in config.site.name for c in "\r\n\0") or "=?" in config.site.name:
+        raise ConfigError(f"{where}: [site] name must be one line of plain text")
+    if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
+        raise ConfigError(f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, "
+                          f"not {config.database.url!r}")
+    return config

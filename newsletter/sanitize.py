@@ -1,0 +1,69 @@
+"""Feed HTML made safe for email (nh3), and its plain-text rendering."""
+
+from __future__ import annotations
+
+import html as htmllib
+import re
+from html.parser import HTMLParser
+
+import nh3
+
+ALLOWED_TAGS = {
+    "a", "abbr", "b", "blockquote", "br", "code", "em", "figcaption", "h2", "h3", "h4", "hr", "i",
+    "img", "li", "ol", "p", "pre", "q", "s", "small", "strong", "sub", "sup", "u", "ul",
+}
+ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "img": {"src", "alt", "width", "height"}, "abbr": {"title"}}
+BLOCKS = {"p", "div", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "figure", "hr", "table"}
+
+
+def clean_html(fragment: str) -> str:
+    """Keep simple formatting, links and images; drop scripts, styles, forms, event handlers, javascript: URLs."""
+    return nh3.clean(fragment, tags=ALLOWED_TAGS, attributes=ALLOWED_ATTRIBUTES,
+                     url_schemes={"http", "https", "mailto"}, link_rel="noopener noreferrer",
+                     clean_content_tags={"script", "style", "noscript", "template", "iframe", "object"}).strip()
+
+
+class _TextWriter(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.href: str | None = None
+        self.link_text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in BLOCKS:
+            self.parts.append("\n\n")
+        elif tag == "br":
+            self.parts.append("\n")
+        elif tag == "li":
+            self.parts.append("\n- ")
+        elif tag == "a":
+            self.href, self.link_text = dict(attrs).get("href"), []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in BLOCKS:
+            self.parts.append("\n\n")
+        elif tag == "a" and self.href:
+            if "".join(self.link_text).strip() != self.href:
+                self.parts.append(f" ({self.href})")
+            self.href = None
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+        if self.href is not None:
+            self.link_text.append(data)
+
+
+def html_to_text(fragment: str) -> str:
+    writer = _TextWriter()
+    writer.feed(fragment)
+    writer.close()
+    text = re.sub(r"[ \t]+", " ", "".join(writer.parts))
+    text = re.sub(r" *\n *", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def plain_to_html(text: str) -> str:
+    """A hand-written summary given as plain text, as HTML paragraphs."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return "".join(f"<p>{htmllib.escape(p)}</p>" for p in paragraphs)

@@ -1,0 +1,144 @@
+"""What happens to a subscriber: subscribe, confirm, unsubscribe, add and remove by hand."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
+from flask import render_template
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .app import Newsletter
+from .messages import single_message
+from .models import OutboxMessage, Status, Subscriber, utcnow
+
+CONFIRM_RESEND_INTERVAL = timedelta(minutes=10)
+MAX_ADDRESS_LENGTH = 254
+
+
+class InvalidAddress(ValueError):
+    """Not an email address we can send to; the message says why, for the reader."""
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asked, for the consent record."""
+
+    ip: str | None = None
+    user_agent: str | None = None
+
+    @classmethod
+    def admin(cls) -> Requester:
+        return cls(ip=None, user_agent="newsletter command line")
+
+
+def normalize(raw: str) -> ValidatedEmail:
+    address = raw.strip()
+    if not address:
+        raise InvalidAddress("Please enter your email address.")
+    if len(address) > MAX_ADDRESS_LENGTH:
+        raise InvalidAddress("That address is too long to be an email address.")
+    try:
+        return validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise InvalidAddress(str(exc)) from None
+
+
+def email_key(validated: ValidatedEmail) -> str:
+    return validated.normalized.lower()
+
+
+def find(session: Session, raw: str) -> Subscriber | None:
+    return session.scalar(select(Subscriber).where(Subscriber.email_key == email_key(normalize(raw))))
+
+
+def _get_or_create(session: Session, validated: ValidatedEmail, status: Status) -> tuple[Subscriber, bool]:
+    """The subscriber row for an address, created if new; safe when two requests race."""
+    key = email_key(validated)
+    existing = session.scalar(select(Subscriber).where(Subscriber.email_key == key))
+    if existing is not None:
+        return existing, False
+    subscriber = Subscriber(email=validated.normalized, email_key=key,
+                            email_ascii=validated.ascii_email or validated.normalized, status=status)
+    try:
+        with session.begin_nested():
+            session.add(subscriber)
+    except IntegrityError:
+        return session.scalars(select(Subscriber).where(Subscriber.email_key == key)).one(), False
+    return subscriber, True
+
+
+def _truncate(value: str | None, length: int) -> str | None:
+    return value[:length] if value else None
+
+
+def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester) -> None:
+    """Record a sign-up and queue a confirmation email, unless one went out in the last 10 minutes."""
+    validated = normalize(raw)
+    subscriber, _ = _get_or_create(session, validated, Status.UNCONFIRMED)
+    if subscriber.status in (Status.CONFIRMED, Status.BOUNCED):
+        return
+    now = utcnow()
+    subscriber.status = Status.UNCONFIRMED
+    subscriber.subscribed_at = now
+    subscriber.subscribed_ip = _truncate(requester.ip, 64)
+    subscriber.subscribed_user_agent = _truncate(requester.user_agent, 512)
+    recently_sent = (subscriber.confirm_nonce is not None and subscriber.confirm_sent_at is not None
+                     and now - subscriber.confirm_sent_at < CONFIRM_RESEND_INTERVAL)
+    if not recently_sent:
+        subscriber.confirm_nonce = secrets.token_urlsafe(12)
+        subscriber.confirm_sent_at = now
+        session.flush()
+        queue_email(session, nl, subscriber, "confirmation", f"Confirm your subscription to {nl.config.site.name}",
+                    confirm_url=nl.confirm_url(subscriber.id, subscriber.confirm_nonce),
+                    max_age_hours=nl.config.security.confirm_max_age_hours)
+
+
+def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester: Requester) -> None:
+    subscriber.status = Status.CONFIRMED
+    subscriber.confirm_nonce = None
+    subscriber.confirmed_at = utcnow()
+    subscriber.confirmed_ip = _truncate(requester.ip, 64)
+    subscriber.confirmed_user_agent = _truncate(requester.user_agent, 512)
+    queue_email(session, nl, subscriber, "welcome", f"You're subscribed to {nl.config.site.name}",
+                unsubscribe_url=nl.unsubscribe_url(subscriber.id))
+
+
+def unsubscribe(subscriber: Subscriber, requester: Requester) -> bool:
+    """Returns False when they had already left."""
+    if subscriber.status in (Status.UNSUBSCRIBED, Status.BOUNCED):
+        return False
+    subscriber.status = Status.UNSUBSCRIBED
+    subscriber.confirm_nonce = None
+    subscriber.unsubscribed_at = utcnow()
+    subscriber.unsubscribed_ip = _truncate(requester.ip, 64)
+    subscriber.unsubscribed_user_agent = _truncate(requester.user_agent, 512)
+    return True
+
+
+def add(session: Session, raw: str, confirmed: bool, requester: Requester) -> tuple[Subscriber, bool]:
+    """An address added by the owner; returns (subscriber, created)."""
+    subscriber, created = _get_or_create(session, normalize(raw), Status.UNCONFIRMED)
+    now = utcnow()
+    if created:
+        subscriber.subscribed_at, subscriber.subscribed_user_agent = now, requester.user_agent
+    if confirmed and subscriber.status != Status.CONFIRMED:
+        subscriber.status = Status.CONFIRMED
+        subscriber.confirmed_at, subscriber.confirmed_user_agent = now, requester.user_agent
+    return subscriber, created
+
+
+def remove(session: Session, subscriber: Subscriber) -> None:
+    """Delete the subscriber; their deliveries and queued emails go with them (ON DELETE CASCADE)."""
+    session.delete(subscriber)
+
+
+def queue_email(session: Session, nl: Newsletter, subscriber: Subscriber, kind: str, subject: str,
+                **context: object) -> None:
+    message = single_message(nl.config, render_template, kind, subject, subscriber.email_ascii, **context)
+    session.add(OutboxMessage(subscriber_id=subscriber.id, kind=kind, sender=nl.config.from_address.addr_spec,
+                              recipient=subscriber.email_ascii, message=message))

@@ -1,0 +1,58 @@
+"""Signed tokens for the links in emails: one salt per purpose, no address inside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
+
+CONFIRM_SALT = "newsletter.confirm.v1"
+UNSUBSCRIBE_SALT = "newsletter.unsubscribe.v1"
+
+
+class InvalidToken(Exception):
+    """The token is tampered, cut short, signed for another purpose, or unknown."""
+
+
+class ExpiredToken(InvalidToken):
+    pass
+
+
+@dataclass(frozen=True)
+class ConfirmClaim:
+    subscriber_id: int
+    nonce: str
+
+
+class Tokens:
+    def __init__(self, secret_keys: list[str], confirm_max_age_seconds: int) -> None:
+        """secret_keys: oldest to newest; the newest signs, all verify."""
+        self._confirm = URLSafeTimedSerializer(secret_keys, salt=CONFIRM_SALT)
+        self._unsubscribe = URLSafeSerializer(secret_keys, salt=UNSUBSCRIBE_SALT)
+        self._max_age = confirm_max_age_seconds
+
+    def confirm_token(self, subscriber_id: int, nonce: str) -> str:
+        return self._confirm.dumps([subscriber_id, nonce])
+
+    def read_confirm_token(self, token: str) -> ConfirmClaim:
+        try:
+            subscriber_id, nonce = self._confirm.loads(token, max_age=self._max_age)
+        except SignatureExpired:
+            raise ExpiredToken from None
+        except (BadSignature, ValueError, TypeError):
+            raise InvalidToken from None
+        if not isinstance(subscriber_id, int) or not isinstance(nonce, str):
+            raise InvalidToken
+        return ConfirmClaim(subscriber_id, nonce)
+
+    def unsubscribe_token(self, subscriber_id: int) -> str:
+        return self._unsubscribe.dumps(subscriber_id)
+
+    def read_unsubscribe_token(self, token: str) -> int:
+        try:
+            subscriber_id = self._unsubscribe.loads(token)
+        except (BadSignature, ValueError, TypeError):
+            raise InvalidToken from None
+        if not isinstance(subscriber_id, int) or isinstance(subscriber_id, bool):
+            raise InvalidToken
+        return subscriber_id

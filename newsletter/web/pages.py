@@ -1,0 +1,47 @@
+"""The subscribe page, the stylesheet, security headers and error pages."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from ..resources import resource_dir
+
+bp = Blueprint("pages", __name__)
+
+CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+       "base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
+
+
+@bp.get("/")
+def index() -> str:
+    return render_template("web/subscribe.html")
+
+
+@bp.get("/style.css")
+def stylesheet() -> Response:
+    css = (resource_dir("templates") / "web" / "style.css").read_text(encoding="utf-8")
+    return Response(css, mimetype="text/css", headers={"Cache-Control": "public, max-age=3600"})
+
+
+def install_error_pages(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[str, int]:
+        return render_template("web/error.html", code=exc.code, title=exc.name,
+                               message=exc.description), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def server_error(exc: Exception) -> tuple[str, int]:
+        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return render_template("web/error.html", code=500, title="Something went wrong",
+                               message="Please try again in a moment."), 500
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if request.path != "/style.css":
+            response.headers["Cache-Control"] = "no-store"
+        return response

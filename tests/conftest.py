@@ -1,0 +1,235 @@
+"""Fixtures: a real SMTP server (aiosmtpd), a fresh database per test, the app over real HTTP, the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import requests
+from aiosmtpd.controller import Controller
+from click.testing import CliRunner, Result
+from sqlalchemy import create_engine, text
+from waitress.server import create_server
+
+from newsletter import db
+from newsletter.app import Newsletter, create_app
+from newsletter.cli import cli
+from newsletter.config import load_config
+from newsletter.outbox import deliver_outbox
+
+FEEDS = Path(__file__).parent / "feeds"
+POSTGRES_URL = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Caught:
+    sender: str
+    recipients: list[str]
+    raw: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        return message_from_bytes(self.raw, policy=policy.default)  # type: ignore[return-value]
+
+    @property
+    def text(self) -> str:
+        return self.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+    @property
+    def html(self) -> str:
+        return self.message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+
+    def links(self) -> list[str]:
+        return re.findall(r"https?://[^\s<>\"]+", self.text)
+
+
+@dataclass
+class SMTPSink:
+    """aiosmtpd handler that keeps every message; `reply` can script a refusal per recipient."""
+
+    messages: list[Caught] = field(default_factory=list)
+    reply: Callable[[str], str | None] = lambda recipient: None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        refusal = self.reply(address)
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        with self.lock:
+            self.messages.append(Caught(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 Message accepted"
+
+    def to(self, address: str) -> list[Caught]:
+        return [m for m in self.messages if address.lower() in (r.lower() for r in m.recipients)]
+
+    def subjects(self, address: str) -> list[str]:
+        return [m.message["Subject"] for m in self.to(address)]
+
+    def clear(self) -> None:
+        self.messages.clear()
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def smtp(smtp_port: int) -> Iterator[SMTPSink]:
+    sink = SMTPSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    yield sink
+    controller.stop()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    if not POSTGRES_URL:
+        yield f"sqlite:///{tmp_path / 'newsletter.db'}"
+        return
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture
+def feed(tmp_path: Path) -> Path:
+    """The blog's feed: a WordPress-shaped RSS file the test can publish new items into."""
+    path = tmp_path / "feed.xml"
+    shutil.copy(FEEDS / "wordpress-rss2.xml", path)
+    return path
+
+
+def publish(feed: Path, title: str, slug: str, summary: str = "<p>Fresh words.</p>") -> str:
+    """Add an item at the top of FEED, as the blog does when it publishes; returns the post URL."""
+    url = f"https://harbour-notes.example/2025/04/{slug}/"
+    item = (f"<item><title>{title}</title><link>{url}</link><guid isPermaLink=\"false\">{url}</guid>"
+            f"<pubDate>Tue, 01 Apr 2025 10:00:00 +0000</pubDate>"
+            f"<description><![CDATA[{summary}]]></description></item>\n\t<item>")
+    feed.write_text(feed.read_text(encoding="utf-8").replace("<item>", item, 1), encoding="utf-8")
+    return url
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, database_url: str, smtp_port: int, feed: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+[site]
+name = "Harbour Notes"
+base_url = "https://news.example.com"
+feed_url = "{feed}"
+
+[security]
+secret_key = "test-secret-{uuid.uuid4().hex}"
+
+[database]
+url = "{database_url}"
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+security = "none"
+from = "Harbour Notes <news@harbour-notes.example>"
+timeout = 5
+connections = 2
+batch_size = 10
+""")
+    return path
+
+
+@pytest.fixture
+def app(config_file: Path):  # noqa: ANN201
+    application = create_app(load_config(config_file))
+    nl: Newsletter = application.extensions["newsletter"]
+    db.upgrade(nl.engine)
+    yield application
+    nl.engine.dispose()
+
+
+@pytest.fixture
+def nl(app) -> Newsletter:  # noqa: ANN001
+    return app.extensions["newsletter"]
+
+
+class Site:
+    """The app served by waitress on a real port, with helpers a test reads like a user's session."""
+
+    def __init__(self, app, base: str) -> None:  # noqa: ANN001
+        self.app, self.base = app, base
+        self.nl: Newsletter = app.extensions["newsletter"]
+
+    def url(self, public_url: str) -> str:
+        """The local address of a link that an email gives with the public base_url."""
+        return public_url.replace(self.nl.config.base_url, self.base)
+
+    def get(self, path: str, **kwargs) -> requests.Response:  # noqa: ANN003
+        return requests.get(self.url(path) if path.startswith("http") else self.base + path, timeout=10, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:  # noqa: ANN003
+        return requests.post(self.url(path) if path.startswith("http") else self.base + path, timeout=10,
+                             allow_redirects=False, **kwargs)
+
+    def subscribe(self, address: str) -> requests.Response:
+        return self.post("/subscribe", data={"email": address})
+
+    def deliver_outbox(self) -> None:
+        with self.app.app_context():
+            deliver_outbox(self.nl)
+
+
+@pytest.fixture
+def site(app) -> Iterator[Site]:  # noqa: ANN001
+    server = create_server(app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield Site(app, f"http://127.0.0.1:{server.effective_port}")
+    server.trigger.pull_trigger(server._map.clear)  # ends waitress's loop from inside its own thread
+    thread.join(timeout=5)
+    server.close()
+    server.task_dispatcher.shutdown()
+
+
+@pytest.fixture
+def run(config_file: Path, app) -> Callable[..., Result]:  # noqa: ANN001
+    """Run a `newsletter` command as a user would, on the test's upgraded database; returns click's Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None) -> Result:
+        return runner.invoke(cli, ["--config", str(config_file), *args], input=input, catch_exceptions=False)
+
+    return invoke
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)

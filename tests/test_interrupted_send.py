@@ -1,0 +1,122 @@
+"""A send that is cut short (SMTP failing, Ctrl-C, kill -9) and run again reaches everyone once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from .conftest import SMTPSink, publish, wait_for
+
+READERS = [f"reader{i:03d}@example.com" for i in range(120)]
+
+
+@pytest.fixture
+def readers(run, tmp_path: Path, feed: Path) -> list[str]:  # noqa: ANN001
+    """120 confirmed subscribers and one new post waiting to be announced."""
+    csv = tmp_path / "readers.csv"
+    csv.write_text("email\n" + "\n".join(READERS) + "\n")
+    assert run("subscribers", "import", str(csv)).exit_code == 0
+    assert run("posts", "fetch").exit_code == 0
+    publish(feed, "Storm warning", "storm")
+    return READERS
+
+
+def copies(*sinks: SMTPSink) -> collections.Counter[str]:
+    return collections.Counter(r for sink in sinks for m in sink.messages for r in m.recipients)
+
+
+class Failing(SMTPSink):
+    """Accepts LIMIT messages, then answers 421 to everything."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.tripped = threading.Event()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        if len(self.messages) >= self.limit:
+            self.tripped.set()
+            return "421 4.3.2 Service shutting down"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def test_smtp_failing_midway_then_rerun(readers, run, smtp_port) -> None:  # noqa: ANN001
+    failing = Failing(limit=45)
+    controller = Controller(failing, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    stopper = threading.Thread(target=lambda: (failing.tripped.wait(10), controller.stop()))
+    stopper.start()
+    first = run("send")
+    stopper.join()
+    assert first.exit_code == 1
+    assert "stopped: SMTP server" in first.output and "sent" in first.output
+    assert 45 <= len(failing.messages) < len(readers)
+
+    healthy = SMTPSink()
+    controller = Controller(healthy, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        second = run("send")
+    finally:
+        controller.stop()
+    assert second.exit_code == 0, second.output
+    assert copies(failing, healthy) == collections.Counter(readers)
+    assert "possibly duplicated" not in second.output
+
+
+class Slow(SMTPSink):
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        await asyncio.sleep(0.01)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _send_process(config_file: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(["newsletter", "--config", str(config_file), "send"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_ctrl_c_midway_then_rerun_sends_everyone_exactly_once(readers, run, config_file, smtp_port) -> None:  # noqa: ANN001
+    sink = Slow()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        process = _send_process(config_file)
+        wait_for(lambda: len(sink.messages) >= 30, timeout=20)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
+        assert process.returncode != 0
+        interrupted_at = len(sink.messages)
+        assert interrupted_at < len(readers)
+        rerun = run("send")
+        assert rerun.exit_code == 0, rerun.output
+    finally:
+        controller.stop()
+    assert copies(sink) == collections.Counter(readers)
+
+
+def test_kill_9_midway_then_rerun_misses_nobody(readers, run, config_file, smtp_port) -> None:  # noqa: ANN001
+    sink = Slow()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        process = _send_process(config_file)
+        wait_for(lambda: len(sink.messages) >= 30, timeout=20)
+        process.kill()
+        process.communicate(timeout=20)
+        rerun = run("send")
+        assert rerun.exit_code == 0, rerun.output
+    finally:
+        controller.stop()
+    received = copies(sink)
+    assert set(received) == set(readers)
+    duplicated = sum(n - 1 for n in received.values())
+    assert duplicated <= 2 * 10  # in flight at the kill: at most one batch (10) on each of 2 connections
+    if duplicated:
+        assert "possibly duplicated" in rerun.output

@@ -1,0 +1,182 @@
+"""Confirmation and unsubscribe links, bad addresses, and SMTP being down while readers sign up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from aiosmtpd.controller import Controller
+from itsdangerous import TimestampSigner, URLSafeSerializer, URLSafeTimedSerializer
+from sqlalchemy import func, select
+
+from newsletter.mailer import MailerError
+from newsletter.models import OutboxMessage, Status, Subscriber
+from newsletter.tokens import CONFIRM_SALT, UNSUBSCRIBE_SALT
+
+from .conftest import SMTPSink
+from .test_reader_flow import confirm_link, subscriber, unsubscribe_link
+
+
+def signed_up(site, smtp, address: str = "reader@example.com") -> str:  # noqa: ANN001
+    """Subscribe ADDRESS and return the confirmation link from the email."""
+    site.subscribe(address)
+    site.deliver_outbox()
+    return confirm_link(smtp.to(address)[-1])
+
+
+def confirmed(site, smtp, address: str = "reader@example.com") -> str:  # noqa: ANN001
+    """A confirmed subscriber; returns the unsubscribe link from their welcome email."""
+    site.post(signed_up(site, smtp, address))
+    site.deliver_outbox()
+    return unsubscribe_link(smtp.to(address)[-1])
+
+
+def token_of(link: str) -> str:
+    return link.rsplit("/", 1)[1]
+
+
+def count(nl, model) -> int:  # noqa: ANN001
+    with nl.sessions() as session:
+        return session.scalar(select(func.count()).select_from(model))
+
+
+def test_expired_confirmation_link(site, smtp) -> None:  # noqa: ANN001
+    link = signed_up(site, smtp)
+    claim = site.nl.tokens.read_confirm_token(token_of(link))
+
+    class FiftyHoursAgo(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time()) - 50 * 3600
+
+    old = URLSafeTimedSerializer([site.nl.config.security.secret_key], salt=CONFIRM_SALT, signer=FiftyHoursAgo)
+    expired = link.replace(token_of(link), old.dumps([claim.subscriber_id, claim.nonce]))
+    for response in (site.get(expired), site.post(expired)):
+        assert response.status_code == 400
+        assert "expired" in response.text and 'href="/"' in response.text
+    assert subscriber(site.nl, "reader@example.com").status == Status.UNCONFIRMED
+
+
+@pytest.mark.parametrize("damage", ["last-char", "cut-short", "other-purpose", "garbage"])
+def test_tampered_confirmation_link(site, smtp, damage: str) -> None:  # noqa: ANN001
+    link = signed_up(site, smtp)
+    token = token_of(link)
+    bad = {
+        "last-char": token[:-1] + ("A" if token[-1] != "A" else "B"),
+        "cut-short": token[: len(token) // 2],
+        "other-purpose": site.nl.tokens.unsubscribe_token(1),
+        "garbage": "not-a-token",
+    }[damage]
+    for response in (site.get(f"/confirm/{bad}"), site.post(f"/confirm/{bad}")):
+        assert response.status_code == 400
+        assert "Subscribe again" in response.text
+    assert subscriber(site.nl, "reader@example.com").status == Status.UNCONFIRMED
+
+
+def test_a_newer_confirmation_email_replaces_the_older_link(site, smtp, nl) -> None:  # noqa: ANN001
+    first = signed_up(site, smtp)
+    with nl.sessions.begin() as session:  # the ten-minute spacing has passed
+        sub = session.scalar(select(Subscriber))
+        sub.confirm_sent_at = sub.confirm_sent_at.replace(year=2000)
+    second = signed_up(site, smtp)
+    assert second != first
+    assert site.post(first).status_code == 400
+    assert site.post(second).status_code == 200
+    assert subscriber(nl, "reader@example.com").status == Status.CONFIRMED
+
+
+def test_get_and_head_never_change_anything(site, smtp) -> None:  # noqa: ANN001
+    confirm = signed_up(site, smtp, "scanned@example.com")
+    for _ in range(5):
+        assert site.get(confirm).status_code == 200
+        requests.head(site.url(confirm), timeout=5)
+    assert subscriber(site.nl, "scanned@example.com").status == Status.UNCONFIRMED
+
+    unsubscribe = confirmed(site, smtp, "kept@example.com")
+    for _ in range(5):
+        page = site.get(unsubscribe)
+        assert page.status_code == 200 and '<form method="post"' in page.text
+        requests.head(site.url(unsubscribe), timeout=5)
+    assert subscriber(site.nl, "kept@example.com").status == Status.CONFIRMED
+
+
+@pytest.mark.parametrize("encoding", ["urlencoded", "multipart"])
+def test_one_click_unsubscribe_rfc8058(site, smtp, encoding: str) -> None:  # noqa: ANN001
+    link = confirmed(site, smtp)
+    body = {"data": {"List-Unsubscribe": "One-Click"}} if encoding == "urlencoded" else \
+        {"files": {"List-Unsubscribe": (None, "One-Click")}}
+    for _ in range(2):  # a repeat is harmless
+        response = site.post(link, **body)
+        assert response.status_code == 200
+        assert "Location" not in response.headers and "Set-Cookie" not in response.headers
+    assert subscriber(site.nl, "reader@example.com").status == Status.UNSUBSCRIBED
+
+
+def test_unsubscribe_button_on_the_page(site, smtp) -> None:  # noqa: ANN001
+    link = confirmed(site, smtp)
+    response = site.post(link)
+    assert response.status_code == 200 and "You're unsubscribed" in response.text
+    assert subscriber(site.nl, "reader@example.com").status == Status.UNSUBSCRIBED
+
+
+def test_a_token_cannot_unsubscribe_someone_else(site, smtp) -> None:  # noqa: ANN001
+    mine = confirmed(site, smtp, "me@example.com")
+    confirmed(site, smtp, "other@example.com")
+    other_id = subscriber(site.nl, "other@example.com").id
+    forged = {
+        "wrong key": URLSafeSerializer(["guessed-secret"], salt=UNSUBSCRIBE_SALT).dumps(other_id),
+        "other payload, my signature": URLSafeSerializer(["x"], salt=UNSUBSCRIBE_SALT).dumps(other_id).split(".")[0]
+        + "." + token_of(mine).split(".")[1],
+        "confirm purpose": site.nl.tokens.confirm_token(other_id, "n"),
+        "cut short": token_of(mine)[:-3],
+    }
+    for name, token in forged.items():
+        response = site.post(f"/unsubscribe/{token}", data={"List-Unsubscribe": "One-Click"})
+        assert response.status_code == 400, name
+    assert subscriber(site.nl, "other@example.com").status == Status.CONFIRMED
+    assert subscriber(site.nl, "me@example.com").status == Status.CONFIRMED
+
+
+@pytest.mark.parametrize("address", [
+    "", "   ", "no-at-sign", "two@@example.com", "a@b", "reader@localhost", "Name <reader@example.com>",
+    "reader@exa mple.com", "x" * 300 + "@example.com", "jörg@example.com", "reader@example.com\r\nBcc: x@y.z",
+])
+def test_malformed_address_gets_400_and_nothing_is_stored(site, smtp, address: str) -> None:  # noqa: ANN001
+    response = site.subscribe(address)
+    assert response.status_code == 400
+    assert 'class="error"' in response.text and 'name="email"' in response.text
+    assert count(site.nl, Subscriber) == 0 and count(site.nl, OutboxMessage) == 0
+
+
+def test_missing_field_is_a_400(site) -> None:  # noqa: ANN001
+    assert site.post("/subscribe", data={}).status_code == 400
+    assert count(site.nl, Subscriber) == 0
+
+
+def test_smtp_down_during_subscribe_then_up(site, smtp_port) -> None:  # noqa: ANN001
+    started = time.monotonic()
+    response = site.subscribe("patient@example.com")
+    assert response.status_code == 200 and time.monotonic() - started < 2
+    with pytest.raises(MailerError):
+        site.deliver_outbox()
+
+    sink = SMTPSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        site.deliver_outbox()
+    finally:
+        controller.stop()
+    [message] = sink.to("patient@example.com")
+    assert "/confirm/" in message.text
+
+
+def test_healthz(site) -> None:  # noqa: ANN001
+    response = site.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok", "database": "ok"}
+
+
+def test_unknown_page_and_wrong_method(site) -> None:  # noqa: ANN001
+    assert site.get("/nope").status_code == 404
+    assert site.get("/subscribe").status_code == 405
+    assert "Traceback" not in site.get("/nope").text
