@@ -13,14 +13,17 @@ from typing import Callable, TypeVar
 import click
 from flask import Flask
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from . import db
 from .app import Newsletter, create_app
 from .config import ConfigError, load_config
+from .dispatch import SendReport
 from .feeds import FeedError, new_entries, read_feed, record_entries
 from .models import Post, Status, Subscriber, utcnow
 from .sanitize import clean_html, plain_to_html
-from .subscriptions import InvalidAddress, Requester, add, find, normalize, remove
+from .subscriptions import (EXPORT_COLUMNS, InvalidAddress, Requester, add, export_row, find, import_row, normalize,
+                            remove)
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -69,10 +72,12 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     """Email subscriptions for a blog: sign-up with double opt-in, new-post notifications, one-click unsubscribe.
 
     \b
-    Try it with no setup:   newsletter demo
-    Real install:           cp config.example.toml config.toml   (then edit it)
-                            newsletter db upgrade
-                            newsletter serve
+    Examples:
+      Try it with no setup:   newsletter demo
+      Real install:           cp config.example.toml config.toml   (then edit it)
+                              newsletter db upgrade
+                              newsletter serve
+      Announce new posts:     newsletter send
     """
     ctx.obj = State(config_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,7 +89,12 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 @cli.group("db")
 def db_group() -> None:
-    """Create or update the database schema."""
+    """Create or update the database schema.
+
+    \b
+    Example:
+      $ newsletter db upgrade
+    """
 
 
 @db_group.command("upgrade")
@@ -188,7 +198,14 @@ def worker(state: State, once: bool) -> None:
 
 @cli.group()
 def posts() -> None:
-    """Posts from the blog's feed, or added by hand."""
+    """Posts from the blog's feed, or added by hand.
+
+    \b
+    Examples:
+      $ newsletter posts fetch
+      $ newsletter posts add --title "Hello" --url https://blog.example.com/hello/
+      $ newsletter posts list
+    """
 
 
 def fetch_feed(nl: Newsletter, announce_existing: bool = False) -> list[Post]:
@@ -196,8 +213,12 @@ def fetch_feed(nl: Newsletter, announce_existing: bool = False) -> list[Post]:
         entries = read_feed(nl.config.site.feed_url)
     except FeedError as exc:
         raise Failure(str(exc)) from None
-    with nl.sessions.begin() as session:
-        return record_entries(session, entries, announce_existing)
+    try:
+        with nl.sessions.begin() as session:
+            return record_entries(session, entries, announce_existing)
+    except IntegrityError:  # another sender recorded the same entries a moment ago
+        with nl.sessions.begin() as session:
+            return record_entries(session, entries, announce_existing)
 
 
 @posts.command("fetch")
@@ -239,7 +260,7 @@ def posts_add(state: State, title: str, url: str, summary: str) -> None:
         raise Failure(f"--url must be an http(s) URL, not {url!r}")
     if not header_text(title):
         raise Failure("--title must not be empty")
-    html = clean_html(summary) if "<" in summary else plain_to_html(summary)
+    html = clean_html(summary, base_url=url) if "<" in summary else plain_to_html(summary)
     nl = state.newsletter()
     with nl.sessions.begin() as session:
         if session.scalar(select(Post.id).where(Post.guid == url)):
@@ -275,12 +296,14 @@ def posts_list(state: State) -> None:
 @click.option("--no-fetch", is_flag=True, help="Do not fetch the feed first.")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send and record nothing.")
 @click.option("--to", "to_address", metavar="ADDRESS", help="Send a copy of the latest post to ADDRESS only.")
+@click.option("--retry-failed", is_flag=True,
+              help="Send again what the SMTP server refused for good (and mark those readers confirmed again).")
 @pass_state
-def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None) -> None:
+def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None, retry_failed: bool) -> None:
     """Email every confirmed subscriber about each post not yet announced.
 
     Safe to run again at any time (cron): nobody gets a post twice, and an interrupted run is finished
-    by the next one.
+    by the next one. On PostgreSQL several senders can run at once and share the work.
 
     \b
     Examples:
@@ -293,45 +316,50 @@ def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None) ->
 
     nl = state.newsletter()
     if to_address:
-        _send_test_copy(nl, to_address)
+        _send_test_copy(nl, to_address, dry_run)
         return
     if dry_run:
         _dry_run(nl, no_fetch)
         return
     try:
-        with dispatch.sender_lock(nl):
+        with dispatch.sender_session(nl) as sender_id:
             if not no_fetch:
                 fetch_feed(nl)
-            report = _send_with_progress(nl)
+            if retry_failed:
+                click.echo(f"{dispatch.retry_failed(nl)} failed deliveries queued again")
+            report = _send_with_progress(nl, sender_id)
     except dispatch.SenderBusy as exc:
         raise Failure(str(exc)) from None
-    for failure in report.failures[:20]:
+    except KeyboardInterrupt:
+        raise Failure("interrupted; what was sent is recorded: run `newsletter send` again to finish", 130) \
+            from None
+    for failure in report.failures:
         click.echo(f"failed: {failure}", err=True)
     click.echo(report.summary())
     if report.error:
         sys.exit(1)
 
 
-def _send_with_progress(nl: Newsletter):  # type: ignore[no-untyped-def]
+def _send_with_progress(nl: Newsletter, sender_id: int) -> SendReport:
     from . import dispatch
 
     if not sys.stderr.isatty():
-        return dispatch.send(nl)
+        return dispatch.send(nl, sender_id)
     bars: list = []
+    started: list[float] = []
+
+    def rate(_item: object) -> str:
+        elapsed = time.monotonic() - started[-1]
+        return f"{bars[-1].pos / elapsed:,.0f}/s" if elapsed > 0 else ""
 
     def on_post(post: Post, total: int) -> None:
         if bars:
             bars[-1].render_finish()
-        bar = click.progressbar(length=total, label=post.title[:40], file=sys.stderr,
-                                show_pos=True, show_eta=True, item_show_func=lambda _: _rate(bar))
-        bar.start = time.time()
-        bars.append(bar)
+        started.append(time.monotonic())
+        bars.append(click.progressbar(length=total, label=post.title[:40], file=sys.stderr, show_pos=True,
+                                      show_eta=True, item_show_func=rate))
 
-    def _rate(bar) -> str:  # type: ignore[no-untyped-def]
-        elapsed = max(time.time() - bar.start, 1e-6)
-        return f"{bar.pos / elapsed:,.0f}/s"
-
-    report = dispatch.send(nl, progress=lambda n: bars[-1].update(n) if bars else None, on_post=on_post)
+    report = dispatch.send(nl, sender_id, progress=lambda n: bars[-1].update(n) if bars else None, on_post=on_post)
     if bars:
         bars[-1].render_finish()
     return report
@@ -358,7 +386,7 @@ def _dry_run(nl: Newsletter, no_fetch: bool) -> None:
     click.echo(f"dry run: {len(titles)} post(s) to {count} confirmed subscriber(s); nothing sent")
 
 
-def _send_test_copy(nl: Newsletter, address: str) -> None:
+def _send_test_copy(nl: Newsletter, address: str, dry_run: bool = False) -> None:
     from .dispatch import send_copy
     from .mailer import MailerError, Outcome
 
@@ -370,6 +398,9 @@ def _send_test_copy(nl: Newsletter, address: str) -> None:
         post = session.scalar(select(Post).order_by(Post.published_at.desc().nulls_last(), Post.id.desc()).limit(1))
     if post is None:
         raise Failure("there are no posts yet; run `newsletter posts fetch` or `newsletter posts add`")
+    if dry_run:
+        click.echo(f"dry run: would send a copy of \"{post.title}\" to {recipient.normalized}; nothing sent")
+        return
     try:
         result = send_copy(nl, post, recipient.ascii_email or recipient.normalized)
     except MailerError as exc:
@@ -383,7 +414,14 @@ def _send_test_copy(nl: Newsletter, address: str) -> None:
 
 @cli.group()
 def subscribers() -> None:
-    """List, add, remove, import and export subscribers."""
+    """List, add, remove, import and export subscribers.
+
+    \b
+    Examples:
+      $ newsletter subscribers add reader@example.com --confirmed
+      $ newsletter subscribers list --status confirmed
+      $ newsletter subscribers export > subscribers.csv
+    """
 
 
 @subscribers.command("list")
@@ -454,7 +492,7 @@ def subscribers_remove(state: State, email: str) -> None:
 @click.argument("file", type=click.File("r", encoding="utf-8-sig"))
 @pass_state
 def subscribers_import(state: State, file) -> None:  # type: ignore[no-untyped-def]
-    """Import a CSV file with a column `email` and optionally `status` (confirmed or unconfirmed).
+    """Import a CSV file: a column `email`, and optionally `status` and the consent columns of an export.
 
     Rows without status are imported as confirmed: import only people who agreed to get your posts.
     Existing subscribers are left as they are (nobody who left is re-subscribed).
@@ -466,27 +504,28 @@ def subscribers_import(state: State, file) -> None:  # type: ignore[no-untyped-d
         line 4: 'not-an-address': An email address must have an @-sign.
     """
     nl = state.newsletter()
-    reader = csv.DictReader(file)
-    if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
-        raise Failure(f"{file.name}: the first line must name the columns, with one called email")
     imported, skipped = 0, []
-    with nl.sessions.begin() as session:
-        for row in reader:
-            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-            status = row.get("status") or "confirmed"
-            line = reader.line_num
-            if status not in ("confirmed", "unconfirmed"):
-                skipped.append(f"line {line}: status {status!r} is not confirmed or unconfirmed")
-                continue
-            try:
-                _, created = add(session, row["email"], status == "confirmed", Requester.admin())
-            except InvalidAddress as exc:
-                skipped.append(f"line {line}: {row['email']!r}: {exc}")
-                continue
-            if created:
-                imported += 1
-            else:
-                skipped.append(f"line {line}: {row['email']} is already a subscriber")
+    try:
+        reader = csv.DictReader(file)
+        if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
+            raise Failure(f"{file.name}: the first line must name the columns, with one called email")
+        with nl.sessions.begin() as session:
+            for row in reader:
+                row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
+                try:
+                    with session.begin_nested():
+                        created = import_row(session, row)
+                except ValueError as exc:
+                    skipped.append(f"line {reader.line_num}: {row.get('email', '')!r}: {exc}")
+                    continue
+                if created:
+                    imported += 1
+                else:
+                    skipped.append(f"line {reader.line_num}: {row['email']} is already a subscriber")
+    except UnicodeDecodeError:
+        raise Failure(f"{file.name}: not UTF-8 text; save the file as CSV UTF-8 and import it again") from None
+    except csv.Error as exc:
+        raise Failure(f"{file.name}: not a CSV file ({exc})") from None
     click.echo(f"imported {imported}, skipped {len(skipped)}")
     for reason in skipped:
         click.echo(f"  {reason}")
@@ -497,20 +536,18 @@ def subscribers_import(state: State, file) -> None:  # type: ignore[no-untyped-d
 def subscribers_export(state: State) -> None:
     """Write every subscriber with their consent record as CSV to standard output.
 
+    The file imports into another installation with `newsletter subscribers import`.
+
     \b
     Example:
       $ newsletter subscribers export > subscribers.csv
     """
     nl = state.newsletter()
-    columns = ["email", "status", "created_at", "subscribed_at", "subscribed_ip", "confirmed_at", "confirmed_ip",
-               "unsubscribed_at", "unsubscribed_ip"]
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(columns)
+    writer.writerow(EXPORT_COLUMNS)
     with nl.sessions() as session:
         for sub in session.scalars(select(Subscriber).order_by(Subscriber.id)).yield_per(1000):
-            writer.writerow([getattr(sub, c).value if c == "status" else
-                             (v.isoformat() if hasattr(v := getattr(sub, c), "isoformat") else v or "")
-                             for c in columns])
+            writer.writerow(export_row(sub))
 
 
 # ---- demo -----------------------------------------------------------------------------------------

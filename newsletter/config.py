@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from email.headerregistry import Address
@@ -53,6 +54,8 @@ class SMTPConfig:
     timeout: int = 30
     connections: int = 4
     batch_size: int = 50
+    max_per_second: int = 0
+    max_per_day: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Config:
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("source", "demo")}
 SECURITY_CHOICES = ("none", "starttls", "tls")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _field_names(values: dict[str, Any]) -> dict[str, Any]:
@@ -110,16 +114,16 @@ def load_config(path: str | os.PathLike[str] | None = None, *, environ: dict[str
             raise ConfigError(f"{file}: cannot read it ({exc.strerror})") from None
     elif explicit:
         raise ConfigError(f"{file}: no such configuration file; copy config.example.toml there and edit it")
-    _apply_environment(data, environ)
-    return config_from_dict(data, source=str(file) if file.is_file() else f"{file} (not found)")
-
-
-def _apply_environment(data: dict[str, Any], environ: dict[str, str]) -> None:
+    source = str(file) if file.is_file() else f"{file} (not found)"
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "NEWSLETTER_CONFIG":
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if section not in SECTIONS or key not in {_toml_key(f.name) for f in dataclasses.fields(SECTIONS[section]())}:
+            raise ConfigError(f"environment variable {name}: there is no key [{section}] {key}; "
+                              "fix or remove the variable")
         data.setdefault(section, {})[key] = value
+    return config_from_dict(data, source=source)
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "settings", demo: bool = False) -> Config:
@@ -184,13 +188,13 @@ def _validated(config: Config) -> Config:
     if config.smtp.connections < 1 or config.smtp.batch_size < 1:
         raise ConfigError(f"{where}: [smtp] connections and batch_size must be at least 1")
     name, addr = parseaddr(config.smtp.from_)
-    if any(c in config.smtp.from_ for c in "\r\n\0") or "=?" in config.smtp.from_:
+    if _CONTROL.search(config.smtp.from_) or "=?" in config.smtp.from_:
         raise ConfigError(f"{where}: [smtp] from must be one line of plain text")
     try:
         validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ConfigError(f"{where}: [smtp] from must be an address like \"Blog <news@example.com>\" ({exc})") from None
-    if any(c in config.site.name for c in "\r\n\0") or "=?" in config.site.name:
+    if _CONTROL.search(config.site.name) or "=?" in config.site.name:
         raise ConfigError(f"{where}: [site] name must be one line of plain text")
     if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
         raise ConfigError(f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, "

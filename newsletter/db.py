@@ -73,9 +73,9 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> tuple[str | None, str | None]:
     """Bring the database to the latest schema; returns (revision before, revision after)."""
-    before = current_revision(engine)
     if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+    before = current_revision(engine)
     command.upgrade(_alembic_config(engine), "head")
     return before, current_revision(engine)
 

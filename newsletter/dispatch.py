@@ -13,26 +13,30 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import threading
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from flask import render_template
-from sqlalchemy import and_, bindparam, func, insert, literal, select, text, update
+from sqlalchemy import bindparam, func, insert, literal, or_, select, text, update
+from sqlalchemy.orm import Session
 
 from .app import Newsletter
 from .mailer import Envelope, MailerError, Outcome, Result
 from .messages import MessageTemplate, notification_template
-from .models import Delivery, DeliveryStatus, Post, Status, Subscriber, utcnow
+from .models import Delivery, DeliveryStatus, OutboxMessage, Post, Status, Subscriber, utcnow
 from .outbox import smtp_connection
 
 RETRY_DELAYS = (1.0, 5.0)
 POLICY_REJECTION = re.compile(r"^5\d\d[ -]5\.7\.")
+MAX_LISTED_FAILURES = 20
 
 
 class SenderBusy(Exception):
-    """Another sender holds the lock on this database."""
+    """Another sender holds the lock on this (SQLite) database."""
 
 
 @dataclass
@@ -43,32 +47,44 @@ class SendReport:
     failed: int = 0
     skipped: int = 0
     deferred: int = 0
-    uncertain: int = 0
     resent: int = 0
+    quota_reached: bool = False
     error: str | None = None
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         line = (f"{self.posts} post(s): {self.sent} sent, {self.failed} failed, {self.skipped} skipped"
-                f", {self.deferred + self.uncertain} left for the next run")
+                f", {self.deferred} left for the next run")
         if self.resent:
-            line += f", {self.resent} resent after an interrupted run (possibly duplicated)"
+            line += f", {self.resent} possibly duplicated (sent again after an interrupted run or a lost reply)"
+        if self.quota_reached:
+            line += "; stopped at [smtp] max_per_day: the next run continues"
         if self.error:
             line += f"; stopped: {self.error}"
         return line
+
+    def add_failure(self, text: str) -> None:
+        if len(self.failures) < MAX_LISTED_FAILURES:
+            self.failures.append(text)
 
 
 Progress = Callable[[int], None]
 
 
 @contextlib.contextmanager
-def sender_lock(nl: Newsletter) -> Iterator[None]:
-    """Only one sender per database; the lock dies with its process, so a crashed run never blocks."""
+def sender_session(nl: Newsletter) -> Iterator[int]:
+    """Register this process as a sender and yield its id.
+
+    SQLite allows one sender at a time (a file lock). PostgreSQL allows many: each holds an advisory lock
+    named by its id for as long as it lives, so the rows a dead sender left `sending` can be told apart.
+    Both locks die with their process, so a crashed run never blocks the next.
+    """
+    sender_id = secrets.randbits(62)
     url = nl.engine.url
-    if url.get_backend_name() == "sqlite":
+    if url.get_backend_name() != "postgresql":
         path = url.database
         if not path or path == ":memory:":
-            yield
+            yield sender_id
             return
         with open(f"{path}.send-lock", "a+b") as handle:
             try:
@@ -77,26 +93,52 @@ def sender_lock(nl: Newsletter) -> Iterator[None]:
                 raise SenderBusy("another `newsletter send` is running on this database; "
                                  "wait for it to finish") from None
             try:
-                yield
+                yield sender_id
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     with nl.engine.connect() as conn:
-        if not conn.execute(text("SELECT pg_try_advisory_lock(7254001)")).scalar():
-            raise SenderBusy("another `newsletter send` is running on this database; wait for it to finish")
+        conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": sender_id})
         conn.commit()
         try:
-            yield
+            yield sender_id
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(7254001)"))
+            conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": sender_id})
             conn.commit()
+
+
+def _recover_interrupted(nl: Newsletter, sender_id: int) -> int:
+    """Put rows that a dead sender left `sending` back in the queue; returns how many."""
+    with nl.sessions.begin() as session:
+        stale = update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
+        if session.bind.dialect.name == "postgresql":
+            owners = session.scalars(select(Delivery.claimed_by).where(Delivery.status == DeliveryStatus.SENDING)
+                                     .distinct()).all()
+            dead = [owner for owner in owners if owner is None or (owner != sender_id and _is_gone(nl, owner))]
+            if not dead:
+                return 0
+            stale = stale.where(or_(Delivery.claimed_by.in_([o for o in dead if o is not None]),
+                                    Delivery.claimed_by.is_(None)))
+        return session.execute(stale.values(status=DeliveryStatus.PENDING, claimed_by=None)).rowcount
+
+
+def _is_gone(nl: Newsletter, sender_id: int) -> bool:
+    with nl.engine.connect() as conn:
+        free = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": sender_id}).scalar()
+        if free:
+            conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": sender_id})
+        conn.commit()
+        return bool(free)
 
 
 def queue_posts(nl: Newsletter) -> list[Post]:
     """Create a pending delivery per confirmed subscriber for every post not yet queued."""
     with nl.sessions.begin() as session:
-        posts = list(session.scalars(select(Post).where(Post.queued_at.is_(None), Post.announced_at.is_(None))
-                                     .order_by(Post.published_at.is_(None), Post.published_at, Post.id)))
+        due = (select(Post).where(Post.queued_at.is_(None), Post.announced_at.is_(None))
+               .order_by(Post.published_at.is_(None), Post.published_at, Post.id))
+        if session.bind.dialect.name == "postgresql":
+            due = due.with_for_update()
+        posts = list(session.scalars(due))
         for post in posts:
             session.execute(insert(Delivery).from_select(
                 ["post_id", "subscriber_id", "status", "attempts"],
@@ -107,17 +149,35 @@ def queue_posts(nl: Newsletter) -> list[Post]:
     return posts
 
 
-def _recover_interrupted(nl: Newsletter) -> int:
+def retry_failed(nl: Newsletter) -> int:
+    """Queue again every delivery the server refused for good, and un-bounce its reader."""
     with nl.sessions.begin() as session:
-        return session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
-                               .values(status=DeliveryStatus.PENDING)).rowcount
+        failed = select(Delivery.subscriber_id).where(Delivery.status == DeliveryStatus.FAILED)
+        session.execute(update(Subscriber).where(Subscriber.status == Status.BOUNCED, Subscriber.id.in_(failed))
+                        .values(status=Status.CONFIRMED))
+        posts = select(Delivery.post_id).where(Delivery.status == DeliveryStatus.FAILED).distinct()
+        session.execute(update(Post).where(Post.id.in_(posts)).values(announced_at=None))
+        return session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
+                               .values(status=DeliveryStatus.PENDING, error=None)).rowcount
 
 
-def send(nl: Newsletter, progress: Progress | None = None, on_post: Callable[[Post, int], None] | None = None,
-         ) -> SendReport:
-    """Announce every queued post to its recipients. Call inside an app context, holding sender_lock."""
-    report = SendReport(resent=_recover_interrupted(nl))
+def _sent_in_last_day(nl: Newsletter) -> int:
+    since = utcnow() - timedelta(days=1)
+    with nl.sessions() as session:
+        notifications = session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.status == DeliveryStatus.SENT, Delivery.updated_at >= since)) or 0
+        one_off = session.scalar(select(func.count()).select_from(OutboxMessage)
+                                 .where(OutboxMessage.sent_at >= since)) or 0
+    return notifications + one_off
+
+
+def send(nl: Newsletter, sender_id: int, progress: Progress | None = None,
+         on_post: Callable[[Post, int], None] | None = None) -> SendReport:
+    """Announce every queued post to its recipients. Call inside an app context and a sender_session."""
+    report = SendReport(resent=_recover_interrupted(nl, sender_id))
     queue_posts(nl)
+    quota = _Quota(nl.config.smtp.max_per_day, _sent_in_last_day(nl) if nl.config.smtp.max_per_day else 0)
+    pace = _Pace(nl.config.smtp.max_per_second)
     with nl.sessions() as session:
         posts = list(session.scalars(select(Post).where(Post.queued_at.is_not(None), Post.announced_at.is_(None))
                                      .order_by(Post.queued_at, Post.id)))
@@ -128,8 +188,8 @@ def send(nl: Newsletter, progress: Progress | None = None, on_post: Callable[[Po
         if on_post:
             on_post(post, pending)
         report.total += pending
-        _PostSender(nl, post, template, report, progress).run()
-        if report.error:
+        _PostSender(nl, sender_id, post, template, report, progress, quota, pace).run()
+        if report.error or report.quota_reached:
             break
         with nl.sessions.begin() as session:
             open_rows = session.scalar(select(func.count()).select_from(Delivery).where(
@@ -146,6 +206,42 @@ def _count(nl: Newsletter, post: Post, status: DeliveryStatus) -> int:
                               .where(Delivery.post_id == post.id, Delivery.status == status)) or 0
 
 
+class _Pace:
+    """Spaces batches so that no more than PER_SECOND messages start each second (0: no limit)."""
+
+    def __init__(self, per_second: int) -> None:
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.next = time.monotonic()
+        self.lock = threading.Lock()
+
+    def wait(self, messages: int) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + messages * self.interval
+        time.sleep(start - now)
+
+
+class _Quota:
+    """What is left of [smtp] max_per_day (0: no limit)."""
+
+    def __init__(self, per_day: int, used: int) -> None:
+        self.left = max(per_day - used, 0) if per_day else None
+
+    def take(self, wanted: int) -> int:
+        if self.left is None:
+            return wanted
+        granted = min(wanted, self.left)
+        self.left -= granted
+        return granted
+
+    def give_back(self, unused: int) -> None:
+        if self.left is not None:
+            self.left += unused
+
+
 @dataclass
 class _Claimed:
     delivery_id: int
@@ -154,21 +250,27 @@ class _Claimed:
 
 
 class _PostSender:
-    """Sends one post's pending deliveries over [smtp] connections parallel SMTP connections."""
+    """Sends one post's pending deliveries over [smtp] connections parallel SMTP connections.
 
-    def __init__(self, nl: Newsletter, post: Post, template: MessageTemplate, report: SendReport,
-                 progress: Progress | None) -> None:
-        self.nl, self.post, self.template, self.report, self.progress = nl, post, template, report, progress
+    Each thread owns one connection. Recording a finished batch and claiming the next happen in one
+    transaction, under a lock shared by the threads, so SQLite never sees two writers at once.
+    """
+
+    def __init__(self, nl: Newsletter, sender_id: int, post: Post, template: MessageTemplate, report: SendReport,
+                 progress: Progress | None, quota: _Quota, pace: _Pace) -> None:
+        self.nl, self.sender_id, self.post, self.template = nl, sender_id, post, template
+        self.report, self.progress, self.quota, self.pace = report, progress, quota, pace
         self.lock = threading.Lock()
-        self.cursor = 0
+        self.cursor: int | None = 0
+        self.requeued = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
-        """One pass over the pending rows, then bounded retry passes for what the server deferred."""
+        """One pass over the pending rows, then bounded retry passes for what came back to the queue."""
         delays = (0.0, *RETRY_DELAYS)
         for attempt, delay in enumerate(delays):
             time.sleep(delay)
-            before, self.cursor = self.report.deferred, 0
+            self.cursor, self.requeued = 0, 0
             threads = [threading.Thread(target=self._work, daemon=True)
                        for _ in range(self.nl.config.smtp.connections)]
             for thread in threads:
@@ -181,28 +283,32 @@ class _PostSender:
                 for thread in threads:
                     thread.join()
                 raise
-            if self.report.error or self.report.deferred == before or attempt == len(delays) - 1:
-                return
-            self.report.deferred = before
+            if self.report.error or self.report.quota_reached or not self.requeued:
+                break
+        self.report.deferred += _count(self.nl, self.post, DeliveryStatus.PENDING)
 
     def _work(self) -> None:
         connection = smtp_connection(self.nl.config.smtp)
+        done: list[tuple[_Claimed, Result]] = []
         try:
-            while not self.stop.is_set():
+            while True:
                 with self.lock:
-                    batch = self._claim()
+                    batch = self._record_and_claim(done)
                 if not batch:
                     return
+                envelopes = [self._envelope(item) for item in batch]
+                self.pace.wait(len(batch))
                 try:
-                    results = connection.send([self._envelope(item) for item in batch])
+                    done = list(zip(batch, connection.send(envelopes)))
                 except MailerError as exc:
-                    self._release(batch)
+                    done = [(item, Result(Outcome.DEFERRED, None, str(exc))) for item in batch]
                     with self.lock:
                         self.report.error = f"SMTP server {self.nl.config.smtp.host}:{self.nl.config.smtp.port}: {exc}"
                     self.stop.set()
-                    return
-                self._record(batch, results)
         finally:
+            if done:
+                with self.lock:
+                    self._record(done)
             connection.close()
 
     def _envelope(self, item: _Claimed) -> Envelope:
@@ -211,80 +317,93 @@ class _PostSender:
             self.nl.unsubscribe_url(item.subscriber_id))
         return Envelope(self.template.sender, item.recipient, message)
 
-    def _claim(self) -> list[_Claimed]:
-        """Mark the next batch `sending`; rows whose subscriber left meanwhile become `skipped`."""
-        while True:
-            rows, gone = self._claim_rows()
-            if gone and self.progress:
-                self.progress(gone)
-            if rows or not gone:
-                return rows
+    def _record_and_claim(self, done: list[tuple[_Claimed, Result]]) -> list[_Claimed]:
+        with self.nl.sessions.begin() as session:
+            if done:
+                self._record(done, session)
+                done.clear()
+            while not self.stop.is_set():
+                size = self.quota.take(self.nl.config.smtp.batch_size)
+                if not size:
+                    self.report.quota_reached = True
+                    self.stop.set()
+                    return []
+                claimed, unused = self._claim(session, size)
+                self.quota.give_back(unused)
+                if claimed or self.cursor is None:
+                    return claimed
+            return []
 
-    def _claim_rows(self) -> tuple[list[_Claimed], int]:
-        size = self.nl.config.smtp.batch_size
+    def _claim(self, session: Session, size: int) -> tuple[list[_Claimed], int]:
+        """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`.
+
+        Returns the rows to send and how many of SIZE were not used for sending.
+        """
+        if self.cursor is None:
+            return [], size
         now = utcnow()
-        with self.nl.sessions.begin() as session:
-            ids = (select(Delivery.id)
-                   .where(Delivery.post_id == self.post.id, Delivery.status == DeliveryStatus.PENDING,
-                          Delivery.id > self.cursor)
-                   .order_by(Delivery.id).limit(size))
-            if session.bind.dialect.name == "postgresql":
-                ids = ids.with_for_update(skip_locked=True)
-            rows = session.execute(
-                select(Delivery.id, Subscriber.id, Subscriber.email_ascii, Subscriber.status)
-                .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-                .where(Delivery.id.in_(ids.scalar_subquery()))
-                .order_by(Delivery.id)).all()
-            if not rows:
-                return [], 0
-            self.cursor = rows[-1][0]
-            live = [row for row in rows if row[3] == Status.CONFIRMED]
-            gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
-            if gone:
-                session.execute(update(Delivery).where(Delivery.id.in_(gone))
-                                .values(status=DeliveryStatus.SKIPPED, updated_at=now))
-                self.report.skipped += len(gone)
-            if live:
-                session.execute(update(Delivery).where(Delivery.id.in_([row[0] for row in live]))
-                                .values(status=DeliveryStatus.SENDING, attempts=Delivery.attempts + 1,
-                                        updated_at=now))
-        return [_Claimed(row[0], row[1], row[2]) for row in live], len(gone)
-
-    def _release(self, batch: list[_Claimed]) -> None:
-        with self.nl.sessions.begin() as session:
-            session.execute(update(Delivery).where(Delivery.id.in_([item.delivery_id for item in batch]))
-                            .values(status=DeliveryStatus.PENDING, attempts=Delivery.attempts - 1))
-
-    def _record(self, batch: list[_Claimed], results: list[Result]) -> None:
-        now = utcnow()
-        sent = [item.delivery_id for item, result in zip(batch, results) if result.outcome is Outcome.SENT]
-        deferred = [{"d": item.delivery_id, "e": result.reply[:1024]}
-                    for item, result in zip(batch, results) if result.outcome is Outcome.DEFERRED]
-        failed = [(item, result) for item, result in zip(batch, results) if result.outcome is Outcome.FAILED]
-        uncertain = sum(1 for result in results if result.outcome is Outcome.UNKNOWN)
-        with self.nl.sessions.begin() as session:
-            if sent:
-                session.execute(update(Delivery).where(Delivery.id.in_(sent))
-                                .values(status=DeliveryStatus.SENT, updated_at=now, error=None))
-            if deferred:
-                session.connection().execute(
-                    update(Delivery.__table__).where(Delivery.__table__.c.id == bindparam("d"))
-                    .values(status=DeliveryStatus.PENDING.value, error=bindparam("e"), updated_at=now), deferred)
-            for item, result in failed:
-                session.execute(update(Delivery).where(Delivery.id == item.delivery_id)
-                                .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now))
-                if result.stage == "rcpt" and not POLICY_REJECTION.match(result.reply):
-                    session.execute(update(Subscriber).where(and_(Subscriber.id == item.subscriber_id,
-                                                                  Subscriber.status == Status.CONFIRMED))
-                                    .values(status=Status.BOUNCED))
-        with self.lock:
-            self.report.sent += len(sent)
-            self.report.deferred += len(deferred)
-            self.report.failed += len(failed)
-            self.report.uncertain += uncertain
-            self.report.failures += [f"{item.recipient}: {result.reply}" for item, result in failed]
+        ids = (select(Delivery.id)
+               .where(Delivery.post_id == self.post.id, Delivery.status == DeliveryStatus.PENDING,
+                      Delivery.id > self.cursor)
+               .order_by(Delivery.id).limit(size))
+        if session.bind.dialect.name == "postgresql":
+            ids = ids.with_for_update(skip_locked=True)
+        rows = session.execute(
+            select(Delivery.id, Subscriber.id, Subscriber.email_ascii, Subscriber.status)
+            .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+            .where(Delivery.id.in_(ids.scalar_subquery()))
+            .order_by(Delivery.id)).all()
+        if not rows:
+            self.cursor = None
+            return [], size
+        self.cursor = rows[-1][0]
+        live = [row for row in rows if row[3] == Status.CONFIRMED]
+        gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
+        if gone:
+            session.execute(update(Delivery).where(Delivery.id.in_(gone))
+                            .values(status=DeliveryStatus.SKIPPED, updated_at=now))
+            self.report.skipped += len(gone)
             if self.progress:
-                self.progress(len(sent) + len(failed))
+                self.progress(len(gone))
+        if live:
+            session.execute(update(Delivery).where(Delivery.id.in_([row[0] for row in live]))
+                            .values(status=DeliveryStatus.SENDING, claimed_by=self.sender_id,
+                                    attempts=Delivery.attempts + 1, updated_at=now))
+        return [_Claimed(row[0], row[1], row[2]) for row in live], size - len(live)
+
+    def _record(self, done: list[tuple[_Claimed, Result]], session: Session | None = None) -> None:
+        """Store each outcome: sent, failed (5xx), or back in the queue (4xx, no reply, not sent)."""
+        if session is None:
+            with self.nl.sessions.begin() as own:
+                return self._record(done, own)
+        now = utcnow()
+        sent = [item.delivery_id for item, result in done if result.outcome is Outcome.SENT]
+        again = [{"d": item.delivery_id, "e": result.reply[:1024]}
+                 for item, result in done if result.outcome in (Outcome.DEFERRED, Outcome.UNKNOWN)]
+        failed = [(item, result) for item, result in done if result.outcome is Outcome.FAILED]
+        table = Delivery.__table__
+        if sent:
+            session.execute(update(Delivery).where(Delivery.id.in_(sent))
+                            .values(status=DeliveryStatus.SENT, updated_at=now, error=None))
+        if again:
+            session.connection().execute(
+                update(table).where(table.c.id == bindparam("d"))
+                .values(status=DeliveryStatus.PENDING.value, error=bindparam("e"), updated_at=now), again)
+        for item, result in failed:
+            session.execute(update(Delivery).where(Delivery.id == item.delivery_id)
+                            .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now))
+            if result.stage == "rcpt" and not POLICY_REJECTION.match(result.reply):
+                session.execute(update(Subscriber).where(Subscriber.id == item.subscriber_id,
+                                                         Subscriber.status == Status.CONFIRMED)
+                                .values(status=Status.BOUNCED))
+            self.report.add_failure(f"{item.recipient}: {result.reply}")
+        self.report.sent += len(sent)
+        self.report.failed += len(failed)
+        self.report.resent += sum(1 for _, result in done if result.outcome is Outcome.UNKNOWN)
+        self.requeued += len(again)
+        if self.progress:
+            self.progress(len(sent) + len(failed))
+        return None
 
 
 def send_copy(nl: Newsletter, post: Post, address: str) -> Result:

@@ -54,8 +54,8 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
         entries.append(Entry(
             guid=guid[:2048],
             url=url[:2048],
-            title=header_text(item.get("title") or url, 1024),
-            summary_html=clean_html(_summary(item)),
+            title=header_text(item.get("title") or "", 1024) or header_text(url, 1024),
+            summary_html=clean_html(_summary(item), base_url=url),
             published_at=_published(item),
         ))
     return sorted(entries, key=lambda e: e.published_at or datetime.min.replace(tzinfo=timezone.utc))

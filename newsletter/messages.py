@@ -6,14 +6,12 @@ link are filled in, so a large list costs a string replace and a quoted-printabl
 
 from __future__ import annotations
 
+import base64
 import binascii
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email.header import Header
-from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import Callable
 from urllib.parse import urlsplit
@@ -21,6 +19,7 @@ from urllib.parse import urlsplit
 from .config import Config
 
 UNSUBSCRIBE_PLACEHOLDER = "@@unsubscribe-url@@"
+ENCODED_WORD_BYTES = 45  # base64 of 45 bytes is 60 characters: "=?utf-8?b?" + 60 + "?=" is 72
 MAX_SUBJECT = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -34,15 +33,43 @@ def header_text(value: str, limit: int = MAX_SUBJECT) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
+def encoded_words(text: str, separator: str = "\r\n ") -> str:
+    """Non-ASCII header text as RFC 2047 encoded-words of at most 75 characters each."""
+    chunks, chunk = [], ""
+    for char in text:
+        if len((chunk + char).encode()) > ENCODED_WORD_BYTES:
+            chunks.append(chunk)
+            chunk = char
+        else:
+            chunk += char
+    chunks.append(chunk)
+    return separator.join(f"=?utf-8?b?{base64.b64encode(c.encode()).decode()}?=" for c in chunks)
+
+
+def _phrase(text: str) -> str:
+    """A display name: quoted when ASCII, encoded-words otherwise."""
+    if not text.isascii():
+        return encoded_words(text, " ")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unstructured(name: str, text: str) -> bytes:
+    """NAME: TEXT, encoded when not ASCII and folded at spaces to keep lines within 78 characters."""
+    if not text.isascii():
+        return f"{name}: {encoded_words(text)}\r\n".encode("ascii")
+    lines, line = [], f"{name}:"
+    for word in text.split(" "):
+        if len(line) + 1 + len(word) > 78 and line.strip() != f"{name}:":
+            lines.append(line)
+            line = ""
+        line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
 def list_id(config: Config) -> str:
-    phrase = f"{config.site.name} new posts"
     host = urlsplit(config.base_url).hostname or "localhost"
-    label = phrase if phrase.isascii() else Header(phrase, "utf-8").encode()
-    return f"{_quote(label) if phrase.isascii() else label} <newposts.{host}>"
-
-
-def _quote(phrase: str) -> str:
-    return '"' + phrase.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{_phrase(f'{config.site.name} new posts')} <newposts.{host}>"
 
 
 def _header(name: str, value: str) -> bytes:
@@ -92,16 +119,17 @@ class MessageTemplate:
 
 def message_template(config: Config, subject: str, text: str, html: str, extra_headers: bytes = b"") -> MessageTemplate:
     sender = config.from_address
-    headers = EmailMessage(policy=SMTP)
-    headers["From"] = sender
-    headers["Subject"] = header_text(subject)
-    headers["Date"] = format_datetime(datetime.now(timezone.utc))
-    headers["MIME-Version"] = "1.0"
-    headers["Auto-Submitted"] = "auto-generated"
+    sender_name = f"{_phrase(sender.display_name)} " if sender.display_name else ""
+    head = b"".join([
+        _header("From", f"{sender_name}<{sender.addr_spec}>"),
+        _unstructured("Subject", header_text(subject)),
+        _header("Date", format_datetime(datetime.now(timezone.utc))),
+        b"MIME-Version: 1.0\r\nAuto-Submitted: auto-generated\r\n",
+    ])
     return MessageTemplate(
         sender=sender.addr_spec,
         domain=sender.domain,
-        head=bytes(headers)[:-2] + extra_headers,
+        head=head + extra_headers,
         text=text,
         html=html,
         boundary="=_" + secrets.token_hex(12),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from flask import render_template
@@ -130,6 +130,50 @@ def add(session: Session, raw: str, confirmed: bool, requester: Requester) -> tu
         subscriber.status = Status.CONFIRMED
         subscriber.confirmed_at, subscriber.confirmed_user_agent = now, requester.user_agent
     return subscriber, created
+
+
+EXPORT_COLUMNS = ["email", "status", "created_at", "subscribed_at", "subscribed_ip", "confirmed_at", "confirmed_ip",
+                  "unsubscribed_at", "unsubscribed_ip"]
+_TIMES = [c for c in EXPORT_COLUMNS if c.endswith("_at")]
+_IPS = [c for c in EXPORT_COLUMNS if c.endswith("_ip")]
+
+
+def export_row(subscriber: Subscriber) -> list[str]:
+    values = []
+    for column in EXPORT_COLUMNS:
+        value = getattr(subscriber, column)
+        values.append(value.value if isinstance(value, Status) else
+                      value.isoformat() if isinstance(value, datetime) else value or "")
+    return values
+
+
+def import_row(session: Session, row: dict[str, str]) -> bool:
+    """Add the subscriber a CSV row describes (the columns of an export; only email is required).
+
+    Returns False when the address is already a subscriber (left as it is); raises ValueError saying
+    what is wrong with the row.
+    """
+    status = row.get("status") or Status.CONFIRMED.value
+    if status not in {s.value for s in Status}:
+        raise ValueError(f"status {status!r} is not one of {', '.join(s.value for s in Status)}")
+    times = {}
+    for column in _TIMES:
+        if row.get(column):
+            try:
+                parsed = datetime.fromisoformat(row[column])
+            except ValueError:
+                raise ValueError(f"{column} {row[column]!r} is not a date and time like 2026-01-31T12:00:00+00:00") \
+                    from None
+            times[column] = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    subscriber, created = add(session, row.get("email", ""), status == Status.CONFIRMED.value, Requester.admin())
+    if not created:
+        return False
+    subscriber.status = Status(status)
+    for column, value in times.items():
+        setattr(subscriber, column, value)
+    for column in _IPS:
+        setattr(subscriber, column, _truncate(row.get(column), 64))
+    return True
 
 
 def remove(session: Session, subscriber: Subscriber) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html as htmllib
 import json
 import re
+import shutil
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from html.parser import HTMLParser
@@ -125,16 +126,16 @@ def assert_wire_ok(raw: bytes) -> EmailMessage:
     # MSG-2: a Message-ID on the sending domain
     ids = msg.get_all("Message-ID")
     assert ids is not None and len(ids) == 1 and MESSAGE_ID.fullmatch(str(ids[0])), ids
-    # MSG-4: the Subject is ASCII on the wire, encoded-words are at most 75 chars and never adjacent
-    subject = raw_header(raw, "Subject")
-    assert subject.isascii()
-    assert b"?==?" not in subject
-    for word in ENCODED_WORD.findall(subject):
-        assert len(word) <= 75, word
-    assert subject.count(b"=?") == len(ENCODED_WORD.findall(subject)), subject
-    # every header is ASCII without control characters (MSG-4, WEB-6)
+    # MSG-4: headers are ASCII on the wire (no controls, WEB-6); encoded-words are complete, at most
+    # 75 characters and never adjacent without whitespace
     for name, value in raw_headers(raw):
         assert value.isascii() and not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", value), (name, value)
+        assert b"?==?" not in value, (name, value)
+        words = ENCODED_WORD.findall(value)
+        assert b"=?" not in ENCODED_WORD.sub(b"", value), (name, value)
+        for word in words:
+            assert len(word) <= 75, (name, word)
+    raw_header(raw, "Subject")  # exactly one
 
     # MSG-5: multipart/alternative, text/plain then text/html, both utf-8
     assert msg.get_content_type() == "multipart/alternative"
@@ -227,6 +228,20 @@ def test_confirmation_and_welcome_pass_the_wire_lint_msg15(site, smtp) -> None: 
 
 # ---- notifications ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("source", ["wordpress-rss2.xml", "atom.xml"])
+def test_existing_feed_posts_pass_the_wire_lint_msg5_msg15(source, smtp, run, feed) -> None:  # noqa: ANN001
+    """MSG-15: the sample feeds' own posts (images, 'Continue reading' links, a table, an Atom entry with a
+    relative link) give clean messages; MSG-5: links in the summary appear in both parts."""
+    shutil.copy(Path(__file__).parent / "feeds" / source, feed)
+    assert run("subscribers", "add", "reader@example.com", "--confirmed").exit_code == 0
+    assert run("posts", "fetch", "--announce-existing").exit_code == 0
+    assert run("send", "--no-fetch").exit_code == 0
+    assert len(smtp.messages) in (2, 3)
+    for note in smtp.messages:
+        msg = assert_wire_ok(note.raw)
+        assert set(msg.keys()) == NOTIFICATION_HEADERS
+
+
 def test_notification_passes_the_wire_lint_msg15(smtp, run, feed) -> None:  # noqa: ANN001
     """MSG-15, MSG-10: a plain notification passes the lint and carries exactly the expected headers."""
     url = notify(run, feed, "Ice on the quay")
@@ -247,26 +262,53 @@ LONG_LINE = "harbour " * 150  # 1,200 characters on one line
 HARD_SUMMARY = f"<p>{LONG_LINE}</p><p>{'ø' * 1200}</p>"
 
 
-@pytest.mark.parametrize("source", ["feed", "posts add"])
-def test_hard_title_and_long_lines_pass_the_wire_lint_msg4_msg6(source, smtp, run, feed) -> None:  # noqa: ANN001
-    """MSG-4, MSG-6, MSG-15: a 300-char non-ASCII title with <>&" and 80+ char words, and a summary with
-    1,200-character lines, still give a clean message; the Subject decodes to the title, cut at 200."""
-    assert len(HARD_TITLE) == 300 and max(len(w) for w in HARD_TITLE.split()) > 80
+def hard_post(source: str, run, feed: Path) -> str:  # noqa: ANN001
+    """Send the post with HARD_TITLE and HARD_SUMMARY, from the feed or added by hand; returns its URL."""
     if source == "feed":
-        url = notify(run, feed, xml_escape(HARD_TITLE, {'"': "&quot;"}), "hard", HARD_SUMMARY)
-    else:
-        url = "https://harbour-notes.example/2025/04/hard/"
-        run("subscribers", "add", "reader@example.com", "--confirmed")
-        added = run("posts", "add", "--title", HARD_TITLE, "--url", url, "--summary", HARD_SUMMARY)
-        assert added.exit_code == 0, added.output
-        assert run("send").exit_code == 0
+        return notify(run, feed, xml_escape(HARD_TITLE, {'"': "&quot;"}), "hard", HARD_SUMMARY)
+    url = "https://harbour-notes.example/2025/04/hard/"
+    assert run("subscribers", "add", "reader@example.com", "--confirmed").exit_code == 0
+    added = run("posts", "add", "--title", HARD_TITLE, "--url", url, "--summary", HARD_SUMMARY)
+    assert added.exit_code == 0, added.output
+    assert run("send").exit_code == 0
+    return url
+
+
+def test_long_summary_lines_stay_within_line_limits_msg6(smtp, run, feed) -> None:  # noqa: ANN001
+    """MSG-6: a summary with 1,200-character lines (ASCII and non-ASCII) is sent quoted-printable with
+    lines of at most 76 characters, nothing on the wire over 998, and decodes back unchanged."""
+    notify(run, feed, "Long lines on the quay", "long", HARD_SUMMARY)
     [note] = smtp.messages
-    msg = assert_wire_ok(note.raw)
+    assert_wire_ok(note.raw)
+    assert LONG_LINE.strip() in note.text and "ø" * 1200 in note.text
+    assert LONG_LINE.strip() in note.html and "ø" * 1200 in note.html
+
+
+@pytest.mark.parametrize("source", ["feed", "posts add"])
+def test_hard_title_round_trips_msg4_web8(source, smtp, run, feed) -> None:  # noqa: ANN001
+    """MSG-4: a 300-char non-ASCII title with <>&" and 80+ char words becomes an ASCII Subject with no
+    adjacent encoded-words that decodes to the title cut at 200; WEB-8: the body shows it escaped in
+    HTML and as written in text."""
+    assert len(HARD_TITLE) == 300 and max(len(w) for w in HARD_TITLE.split()) > 80
+    url = hard_post(source, run, feed)
+    [note] = smtp.messages
+    msg = note.message
+    assert all(part.defects == [] for part in msg.walk())
+    subject = raw_header(note.raw, "Subject")
+    assert subject.isascii() and b"?==?" not in subject
     assert msg["Subject"] == HARD_TITLE[:199].rstrip() + "…"
-    assert max(len(line) for line in note.raw.split(b"\r\n")) <= 998
-    assert HARD_TITLE in note.text and LONG_LINE.strip() in note.text and "ø" * 1200 in note.text
+    assert HARD_TITLE in note.text.splitlines()
     assert htmllib.escape(HARD_TITLE, quote=False) in note.html.replace("&#34;", '"')
+    assert "<Hafen>" not in note.html and "&lt;Hafen&gt;" in note.html
     assert url in note.text and url in note.html
+
+
+@pytest.mark.parametrize("source", ["feed", "posts add"])
+def test_hard_title_passes_the_wire_lint_msg4_msg15(source, smtp, run, feed) -> None:  # noqa: ANN001
+    """MSG-15: the notification for the hard title passes the whole lint."""
+    hard_post(source, run, feed)
+    [note] = smtp.messages
+    assert_wire_ok(note.raw)
 
 
 def test_three_recipients_get_three_message_ids_msg2_msg3(smtp, run, feed) -> None:  # noqa: ANN001
@@ -309,13 +351,19 @@ def test_list_id_msg11(smtp, run, feed) -> None:  # noqa: ANN001
     assert value == '"Harbour Notes new posts" <newposts.news.example.com>'
 
 
-@pytest.mark.parametrize("name", [
-    "Hafennotizen Kühlungsborn",
-    "Ærøskøbing Havneblad — nyheder fra kajen, fiskeriet og færgerne i det sydfynske øhav",
-    "港の朝",
-])
+@pytest.mark.parametrize("name", ["Hafennotizen Kühlungsborn", "港の朝"], ids=["latin", "cjk"])
 def test_list_id_with_non_ascii_site_name_msg11(name, smtp, config_file, feed) -> None:  # noqa: ANN001
     """MSG-11: a non-ASCII site name is RFC 2047-encoded in the List-Id phrase; the identifier stays plain."""
+    check_non_ascii_list_id(name, smtp, config_file, feed)
+
+
+def test_list_id_with_long_non_ascii_site_name_msg11(smtp, config_file, feed) -> None:  # noqa: ANN001
+    """MSG-11: the same for a site name long enough that the List-Id phrase needs several encoded-words."""
+    check_non_ascii_list_id("Ærøskøbing Havneblad — nyheder fra kajen, fiskeriet og færgerne i det sydfynske øhav",
+                            smtp, config_file, feed)
+
+
+def check_non_ascii_list_id(name: str, smtp, config_file: Path, feed: Path) -> None:  # noqa: ANN001
     run = cli_with(config_variant(config_file, name=name))
     assert run("db", "upgrade").exit_code == 0
     notify(run, feed, "Fresh catch")
@@ -416,18 +464,32 @@ def test_site_name_with_line_breaks_is_rejected_web6(name, config_file) -> None:
     assert "[site] name" in result.output
 
 
-@pytest.mark.parametrize("name", ["Harbour\x0bNotes", "Harbour\x1b[31mNotes", "Harbour\x7fNotes"],
-                         ids=["vt", "esc", "del"])
-def test_site_name_with_other_controls_never_reaches_a_header_web6(name, smtp, config_file, feed) -> None:  # noqa: ANN001
-    """WEB-6: other C0 controls (and DEL) in the site name are refused, or kept out of every header."""
-    run = cli_with(config_variant(config_file, name=name))
+@pytest.mark.parametrize(("key", "value"), [
+    ("name", "Harbour\x0bNotes"),
+    ("name", "Harbour\x1b[31mNotes"),
+    ("name", "Harbour\x7fNotes"),
+    ("from_", "Harbour\x0bNotes <news@harbour-notes.example>"),
+], ids=["name-vt", "name-esc", "name-del", "from-vt"])
+def test_other_controls_in_config_never_reach_a_header_web6(key, value, smtp, config_file, feed) -> None:  # noqa: ANN001
+    """WEB-6: other C0 controls (and DEL) in header values from the configuration are refused (exit 2),
+    or kept out of every header."""
+    run = cli_with(config_variant(config_file, **{key: value}))
     upgraded = run("db", "upgrade")
     if upgraded.exit_code != 0:
-        assert upgraded.exit_code == 2 and "[site] name" in upgraded.output
+        assert upgraded.exit_code == 2 and ("[site] name" in upgraded.output or "[smtp] from" in upgraded.output)
         return
     notify(run, feed, "Spring tides")
     [note] = smtp.messages
     assert_wire_ok(note.raw)
+
+
+def test_feed_title_of_only_controls_falls_back_to_the_url_web6(smtp, run, feed) -> None:  # noqa: ANN001
+    """WEB-6: a feed title that is nothing but control characters is treated like a missing title."""
+    url = notify(run, feed, "\x00\x01", "controls")
+    [note] = smtp.messages
+    assert_wire_ok(note.raw)
+    assert note.message["Subject"] == url
+    assert all(text for _, text in parse_html(note.html).anchors)
 
 
 # ---- HTML safety (WEB-8, MSG-16) --------------------------------------------------------------------
@@ -469,3 +531,18 @@ def test_links_are_https_and_url_texts_match_their_hrefs_msg16(smtp, run, feed) 
             assert text == href, (text, href)
     assert "https://harbour-notes.example/photos/" in text_urls(note.text)
     assert "https://harbour-notes.example/map/" in text_urls(note.text)
+
+
+def test_relative_link_in_hand_added_summary_becomes_absolute_msg16(smtp, run) -> None:  # noqa: ANN001
+    """MSG-16: a relative link in a hand-written summary is sent as an absolute https link, in both parts."""
+    url = "https://harbour-notes.example/2025/04/tides/"
+    run("subscribers", "add", "reader@example.com", "--confirmed")
+    added = run("posts", "add", "--title", "Tides", "--url", url,
+                "--summary", '<p>See <a href="/2025/04/map/">the map</a>.</p>')
+    assert added.exit_code == 0, added.output
+    assert run("send").exit_code == 0
+    [note] = smtp.messages
+    hrefs = [href for href, _ in parse_html(note.html).anchors]
+    assert all(href.startswith("https://") for href in hrefs), hrefs
+    assert "https://harbour-notes.example/2025/04/map/" in hrefs
+    assert "https://harbour-notes.example/2025/04/map/" in text_urls(note.text)

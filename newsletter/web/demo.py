@@ -73,9 +73,9 @@ def run_send() -> BaseResponse:
     def work() -> None:
         with app.app_context():
             nl = newsletter()
-            with dispatch.sender_lock(nl):
+            with dispatch.sender_session(nl) as sender_id:
                 fetch_feed(nl)
-                app.logger.info("demo send: %s", dispatch.send(nl).summary())
+                app.logger.info("demo send: %s", dispatch.send(nl, sender_id).summary())
 
     threading.Thread(target=work, daemon=True).start()
     return redirect(url_for("demo.mailbox"), code=303)
