@@ -5,16 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app, g, request
+from flask.sessions import SecureCookieSessionInterface
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_wtf.csrf import CSRFProtect
 from jinja2 import ChoiceLoader, FileSystemLoader
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import db
+from . import db, ratelimit
 from .config import Config
 from .resources import resource_dir
 from .sanitize import html_to_text
 from .tokens import Tokens
+
+
+csrf = CSRFProtect()
+# waitress drops X-Forwarded-* headers itself by default; ProxyFix ([web] trusted_proxies) decides instead.
+WAITRESS_OPTIONS = {"clear_untrusted_proxy_headers": False, "ident": "newsletter"}
 
 
 @dataclass
@@ -40,8 +50,15 @@ def create_app(config: Config, engine: Engine | None = None) -> Flask:
         MAX_CONTENT_LENGTH=64 * 1024,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=config.base_url.startswith("https://"),
+        SECRET_KEY_FALLBACKS=config.security.secret_key_fallbacks,
+        WTF_CSRF_CHECK_DEFAULT=False,
+        WTF_CSRF_SSL_STRICT=False,
     )
+    app.session_interface = _SessionInterface()
+    if config.web.trusted_proxies:
+        n = config.web.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
+    csrf.init_app(app)
     loaders = [FileSystemLoader(str(resource_dir("templates")))]
     if config.site.templates_dir:
         loaders.insert(0, FileSystemLoader(str(Path(config.site.templates_dir).expanduser())))
@@ -62,11 +79,22 @@ def create_app(config: Config, engine: Engine | None = None) -> Flask:
 
     for module in (pages, subscribe, unsubscribe, health):
         app.register_blueprint(module.bp)
+    limiter = Limiter(get_remote_address, app=app, storage_uri=f"{ratelimit.SCHEME}://",
+                      storage_options={"engine": engine}, strategy="fixed-window")
+    app.view_functions["subscribe.submit"] = limiter.limit(config.web.rate_limit)(
+        app.view_functions["subscribe.submit"])
     if config.demo:
         app.register_blueprint(demo.bp)
     pages.install_error_pages(app)
     app.teardown_appcontext(_close_session)
     return app
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """The session cookie (it only carries the CSRF secret) is Secure whenever the request came over HTTPS."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return request.is_secure
 
 
 def newsletter() -> Newsletter:

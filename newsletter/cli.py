@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import click
-from flask import Flask
+from flask import Flask, render_template
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from . import db
-from .app import Newsletter, create_app
+from .app import WAITRESS_OPTIONS, Newsletter, create_app
 from .config import ConfigError, load_config
 from .dispatch import SendReport
 from .feeds import FeedError, new_entries, read_feed, record_entries
@@ -151,7 +151,7 @@ def run_site(app: Flask, host: str, port: int, threads: int, worker: bool = True
     if before:
         before()
     try:
-        waitress_serve(app, host=host, port=port, threads=threads, ident="newsletter", _quiet=True)
+        waitress_serve(app, host=host, port=port, threads=threads, _quiet=True, **WAITRESS_OPTIONS)
     finally:
         stop.set()
 
@@ -548,6 +548,56 @@ def subscribers_export(state: State) -> None:
     with nl.sessions() as session:
         for sub in session.scalars(select(Subscriber).order_by(Subscriber.id)).yield_per(1000):
             writer.writerow(export_row(sub))
+
+
+# ---- the owner's views -----------------------------------------------------------------------------
+
+@cli.command()
+@pass_state
+def embed(state: State) -> None:
+    """Print an HTML form to paste into the blog (a sidebar widget) that subscribes readers here.
+
+    It posts straight to this site's /subscribe, from any page of the blog, and needs no script.
+
+    \b
+    Example:
+      $ newsletter embed > subscribe-widget.html
+    """
+    nl = state.newsletter()
+    click.echo(render_template("web/embed.html", action=f"{nl.config.base_url}/subscribe"))
+
+
+@cli.command()
+@pass_state
+def stats(state: State) -> None:
+    """Show subscribers by status, posts, queued mail, and whether sign-ups are being held.
+
+    \b
+    Example:
+      $ newsletter stats
+    """
+    from .models import OutboxMessage
+    from .subscriptions import signups_in_last_hour
+
+    nl = state.newsletter()
+    with nl.sessions() as session:
+        counts = dict(session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status)).all())
+        posts_total = session.scalar(select(func.count()).select_from(Post)) or 0
+        waiting = session.scalar(select(func.count()).select_from(Post).where(Post.announced_at.is_(None))) or 0
+        queued = session.scalar(select(func.count()).select_from(OutboxMessage).where(
+            OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None), OutboxMessage.held.is_(False))) or 0
+        held = session.scalar(select(func.count()).select_from(OutboxMessage).where(
+            OutboxMessage.held.is_(True))) or 0
+        recent = signups_in_last_hour(session)
+    click.echo("subscribers: " + ", ".join(f"{counts.get(s, 0)} {s.value}" for s in Status))
+    click.echo(f"posts: {posts_total}, {waiting} not yet announced")
+    click.echo(f"outbox: {queued} queued, {held} held")
+    ceiling = nl.config.web.signup_ceiling
+    if recent > ceiling or held:
+        click.echo(f"sign-ups in the last hour: {recent} (ceiling {ceiling}): confirmation emails are HELD "
+                   "until sign-ups slow down; check for a bot submitting addresses")
+    else:
+        click.echo(f"sign-ups in the last hour: {recent} (ceiling {ceiling})")
 
 
 # ---- demo -----------------------------------------------------------------------------------------

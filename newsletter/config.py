@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
+from limits import parse_many
 
 DEFAULT_PATH = "config.toml"
 ENV_PREFIX = "NEWSLETTER_"
@@ -59,11 +60,29 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    trusted_proxies: int = 0
+    rate_limit: str = "10 per hour"
+    embed_origins: list[str] = field(default_factory=list)
+    min_fill_seconds: int = 2
+    signup_ceiling: int = 100
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    selector: str = ""
+    domain: str = ""
+    private_key_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     source: str = "defaults"
     demo: bool = False
 
@@ -196,6 +215,11 @@ def _validated(config: Config) -> Config:
         raise ConfigError(f"{where}: [smtp] from must be an address like \"Blog <news@example.com>\" ({exc})") from None
     if _CONTROL.search(config.site.name) or "=?" in config.site.name:
         raise ConfigError(f"{where}: [site] name must be one line of plain text")
+    try:
+        parse_many(config.web.rate_limit)
+    except ValueError:
+        raise ConfigError(f"{where}: [web] rate_limit must read like \"10 per hour\" or \"5/minute; 20/day\", "
+                          f"not {config.web.rate_limit!r}") from None
     if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
         raise ConfigError(f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, "
                           f"not {config.database.url!r}")

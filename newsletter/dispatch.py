@@ -29,6 +29,7 @@ from .mailer import Envelope, MailerError, Outcome, Result
 from .messages import MessageTemplate, notification_template
 from .models import Delivery, DeliveryStatus, OutboxMessage, Post, Status, Subscriber, utcnow
 from .outbox import smtp_connection
+from .signing import load_signer
 
 RETRY_DELAYS = (1.0, 5.0)
 POLICY_REJECTION = re.compile(r"^5\d\d[ -]5\.7\.")
@@ -264,6 +265,7 @@ class _PostSender:
         self.cursor: int | None = 0
         self.requeued = 0
         self.stop = threading.Event()
+        self.sign = load_signer(nl.config)
 
     def run(self) -> None:
         """One pass over the pending rows, then bounded retry passes for what came back to the queue."""
@@ -315,6 +317,8 @@ class _PostSender:
         message = self.template.render(
             item.recipient, f"<{item.delivery_id}.{self.post.message_seed}@{self.template.domain}>",
             self.nl.unsubscribe_url(item.subscriber_id))
+        if self.sign:
+            message = self.sign(message)
         return Envelope(self.template.sender, item.recipient, message)
 
     def _record_and_claim(self, done: list[tuple[_Claimed, Result]]) -> list[_Claimed]:
@@ -410,6 +414,9 @@ def send_copy(nl: Newsletter, post: Post, address: str) -> Result:
     """A copy of POST to one address, outside the ledger (nothing recorded)."""
     template = notification_template(nl.config, render_template, post)
     message = template.render(address, template.new_message_id(), nl.unsubscribe_url(0))
+    sign = load_signer(nl.config)
+    if sign:
+        message = sign(message)
     connection = smtp_connection(nl.config.smtp)
     try:
         return connection.send([Envelope(template.sender, address, message)])[0]

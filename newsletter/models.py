@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, Enum, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -64,7 +64,8 @@ class Subscriber(Base):
     unsubscribed_ip: Mapped[str | None] = mapped_column(String(64))
     unsubscribed_user_agent: Mapped[str | None] = mapped_column(String(512))
 
-    __table_args__ = (Index("ix_subscribers_status", "status"), {"sqlite_autoincrement": True})
+    __table_args__ = (Index("ix_subscribers_status", "status"), Index("ix_subscribers_subscribed_at", "subscribed_at"),
+                      {"sqlite_autoincrement": True})
 
 
 class Post(Base):
@@ -135,5 +136,27 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(String(1024))
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (Index("ix_outbox_pending", "sent_at", "failed_at", "next_attempt_at"),)
+
+
+class Confirmation(Base):
+    """A confirmation email sent, kept to throttle sign-ups per address (with +tag variants grouped)."""
+
+    __tablename__ = "confirmations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    throttle_key: Mapped[str] = mapped_column(String(320), index=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"), index=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RateLimit(Base):
+    """Request counters for Flask-Limiter, shared by every web process through the database."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -9,10 +9,13 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
+from . import ratelimit
 from .app import Newsletter
 from .config import SMTPConfig
 from .mailer import Envelope, MailerError, Outcome, SMTPConnection
 from .models import OutboxMessage, utcnow
+from .signing import load_signer
+from .subscriptions import signups_in_last_hour
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +40,15 @@ class OutboxReport:
 def deliver_outbox(nl: Newsletter, connection: SMTPConnection | None = None) -> OutboxReport:
     """Send every outbox message that is due; raises MailerError when the SMTP server cannot be used."""
     report = OutboxReport()
+    sign = load_signer(nl.config)
+    release_held(nl)
     own = connection is None
     connection = connection or smtp_connection(nl.config.smtp)
     try:
         while batch := _claim(nl):
             try:
-                results = connection.send([Envelope(m.sender, m.recipient, m.message) for m in batch])
+                results = connection.send([Envelope(m.sender, m.recipient, sign(m.message) if sign else m.message)
+                                           for m in batch])
             except MailerError:
                 _release(nl, [m.id for m in batch])
                 raise
@@ -53,12 +59,21 @@ def deliver_outbox(nl: Newsletter, connection: SMTPConnection | None = None) -> 
     return report
 
 
+def release_held(nl: Newsletter) -> int:
+    """Let held confirmation emails go once sign-ups are back under [web] signup_ceiling an hour."""
+    with nl.sessions.begin() as session:
+        if signups_in_last_hour(session) > nl.config.web.signup_ceiling:
+            return 0
+        return session.execute(update(OutboxMessage).where(OutboxMessage.held.is_(True))
+                               .values(held=False)).rowcount
+
+
 def _claim(nl: Newsletter) -> list[OutboxMessage]:
     now = utcnow()
     with nl.sessions.begin() as session:
         due = (select(OutboxMessage.id)
                .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None),
-                      OutboxMessage.next_attempt_at <= now)
+                      OutboxMessage.held.is_(False), OutboxMessage.next_attempt_at <= now)
                .order_by(OutboxMessage.id).limit(BATCH))
         if session.bind.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
@@ -98,6 +113,7 @@ def run_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> 
     wait = interval
     while not stop.is_set():
         try:
+            ratelimit.purge_expired(nl.engine)
             report = deliver_outbox(nl)
             if report.sent or report.failed or report.deferred:
                 log.info("outbox: %d sent, %d deferred, %d failed", report.sent, report.deferred, report.failed)

@@ -8,15 +8,16 @@ from datetime import datetime, timedelta, timezone
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from flask import render_template
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .app import Newsletter
 from .messages import single_message
-from .models import OutboxMessage, Status, Subscriber, utcnow
+from .models import Confirmation, OutboxMessage, Status, Subscriber, utcnow
 
 CONFIRM_RESEND_INTERVAL = timedelta(minutes=10)
+CONFIRMATIONS_PER_DAY = 3
 MAX_ADDRESS_LENGTH = 254
 
 
@@ -76,26 +77,52 @@ def _truncate(value: str | None, length: int) -> str | None:
     return value[:length] if value else None
 
 
+def throttle_key(validated: ValidatedEmail) -> str:
+    """The address as bombers vary it: case and +tags folded together. Used only for counting."""
+    local = validated.local_part.split("+", 1)[0].lower()
+    return f"{local}@{(validated.ascii_domain or validated.domain).lower()}"
+
+
+def _may_send_confirmation(session: Session, key: str) -> bool:
+    """At most CONFIRMATIONS_PER_DAY per address a day, spaced CONFIRM_RESEND_INTERVAL apart."""
+    if session.bind.dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+    now = utcnow()
+    recent = session.scalars(select(Confirmation.sent_at).where(Confirmation.throttle_key == key,
+                                                                Confirmation.sent_at > now - timedelta(days=1))).all()
+    return len(recent) < CONFIRMATIONS_PER_DAY and all(now - sent >= CONFIRM_RESEND_INTERVAL for sent in recent)
+
+
+def signups_in_last_hour(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Subscriber).where(
+        Subscriber.status == Status.UNCONFIRMED, Subscriber.subscribed_at > utcnow() - timedelta(hours=1))) or 0
+
+
 def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester) -> None:
-    """Record a sign-up and queue a confirmation email, unless one went out in the last 10 minutes."""
+    """Record a sign-up and queue a confirmation email, within the per-address limits.
+
+    When more sign-ups than [web] signup_ceiling arrived in the last hour, the email is stored but held
+    until the rate falls again (a bot submitting many strangers' addresses cannot flood them).
+    """
     validated = normalize(raw)
     subscriber, _ = _get_or_create(session, validated, Status.UNCONFIRMED)
     if subscriber.status in (Status.CONFIRMED, Status.BOUNCED):
         return
-    now = utcnow()
     subscriber.status = Status.UNCONFIRMED
-    subscriber.subscribed_at = now
+    subscriber.subscribed_at = utcnow()
     subscriber.subscribed_ip = _truncate(requester.ip, 64)
     subscriber.subscribed_user_agent = _truncate(requester.user_agent, 512)
-    recently_sent = (subscriber.confirm_nonce is not None and subscriber.confirm_sent_at is not None
-                     and now - subscriber.confirm_sent_at < CONFIRM_RESEND_INTERVAL)
-    if not recently_sent:
-        subscriber.confirm_nonce = secrets.token_urlsafe(12)
-        subscriber.confirm_sent_at = now
-        session.flush()
-        queue_email(session, nl, subscriber, "confirmation", f"Confirm your subscription to {nl.config.site.name}",
-                    confirm_url=nl.confirm_url(subscriber.id, subscriber.confirm_nonce),
-                    max_age_hours=nl.config.security.confirm_max_age_hours)
+    key = throttle_key(validated)
+    if not _may_send_confirmation(session, key):
+        return
+    subscriber.confirm_nonce = secrets.token_urlsafe(12)
+    subscriber.confirm_sent_at = utcnow()
+    session.flush()
+    session.add(Confirmation(throttle_key=key, subscriber_id=subscriber.id, sent_at=subscriber.confirm_sent_at))
+    held = signups_in_last_hour(session) > nl.config.web.signup_ceiling
+    queue_email(session, nl, subscriber, "confirmation", f"Confirm your subscription to {nl.config.site.name}",
+                held=held, confirm_url=nl.confirm_url(subscriber.id, subscriber.confirm_nonce),
+                max_age_hours=nl.config.security.confirm_max_age_hours)
 
 
 def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester: Requester) -> None:
@@ -182,7 +209,7 @@ def remove(session: Session, subscriber: Subscriber) -> None:
 
 
 def queue_email(session: Session, nl: Newsletter, subscriber: Subscriber, kind: str, subject: str,
-                **context: object) -> None:
+                held: bool = False, **context: object) -> None:
     message = single_message(nl.config, render_template, kind, subject, subscriber.email_ascii, **context)
     session.add(OutboxMessage(subscriber_id=subscriber.id, kind=kind, sender=nl.config.from_address.addr_spec,
-                              recipient=subscriber.email_ascii, message=message))
+                              recipient=subscriber.email_ascii, message=message, held=held))

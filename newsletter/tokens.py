@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeSerializer, URLSafeTimedSerializer
 
 CONFIRM_SALT = "newsletter.confirm.v1"
 UNSUBSCRIBE_SALT = "newsletter.unsubscribe.v1"
+FORM_SALT = "newsletter.form.v1"
 
 
 class InvalidToken(Exception):
@@ -29,6 +31,7 @@ class Tokens:
         """secret_keys: oldest to newest; the newest signs, all verify."""
         self._confirm = URLSafeTimedSerializer(secret_keys, salt=CONFIRM_SALT)
         self._unsubscribe = URLSafeSerializer(secret_keys, salt=UNSUBSCRIBE_SALT)
+        self._form = TimestampSigner(secret_keys, salt=FORM_SALT)
         self._max_age = confirm_max_age_seconds
 
     def confirm_token(self, subscriber_id: int, nonce: str) -> str:
@@ -44,6 +47,18 @@ class Tokens:
         if not isinstance(subscriber_id, int) or not isinstance(nonce, str):
             raise InvalidToken
         return ConfirmClaim(subscriber_id, nonce)
+
+    def form_stamp(self) -> str:
+        """A signed timestamp for the subscribe form, to tell how long it took to fill in."""
+        return self._form.sign("form").decode()
+
+    def form_age(self, stamp: str) -> float | None:
+        """Seconds since form_stamp() made STAMP, or None when STAMP is forged or damaged."""
+        try:
+            _, signed_at = self._form.unsign(stamp, return_timestamp=True)
+        except (BadSignature, ValueError, TypeError):
+            return None
+        return time.time() - signed_at.timestamp()
 
     def unsubscribe_token(self, subscriber_id: int) -> str:
         return self._unsubscribe.dumps(subscriber_id)

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from waitress.server import create_server
 
 from newsletter import db
-from newsletter.app import Newsletter, create_app
+from newsletter.app import WAITRESS_OPTIONS, Newsletter, create_app
 from newsletter.cli import cli
 from newsletter.config import load_config
 from newsletter.outbox import deliver_outbox
@@ -138,7 +138,13 @@ def publish(feed: Path, title: str, slug: str, summary: str = "<p>Fresh words.</
 
 
 @pytest.fixture
-def config_file(tmp_path: Path, database_url: str, smtp_port: int, feed: Path) -> Path:
+def extra_config() -> str:
+    """TOML appended to the test's config file; a test module overrides this fixture to change settings."""
+    return ""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, database_url: str, smtp_port: int, feed: Path, extra_config: str) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(f"""
 [site]
@@ -160,7 +166,7 @@ from = "Harbour Notes <news@harbour-notes.example>"
 timeout = 5
 connections = 2
 batch_size = 10
-""")
+""" + extra_config)
     return path
 
 
@@ -196,6 +202,16 @@ class Site:
         return requests.post(self.url(path) if path.startswith("http") else self.base + path, timeout=10,
                              allow_redirects=False, **kwargs)
 
+    def press(self, link: str, times: int = 1) -> requests.Response:
+        """Open LINK like a browser and press the button on its page (a form with a CSRF token) TIMES times."""
+        browser = requests.Session()
+        page = browser.get(self.url(link), timeout=10)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        for _ in range(times):
+            response = browser.post(self.url(link), data={"csrf_token": token.group(1)} if token else {},
+                                    timeout=10, allow_redirects=False)
+        return response
+
     def subscribe(self, address: str) -> requests.Response:
         return self.post("/subscribe", data={"email": address})
 
@@ -206,7 +222,7 @@ class Site:
 
 @pytest.fixture
 def site(app) -> Iterator[Site]:  # noqa: ANN001
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
+    server = create_server(app, host="127.0.0.1", port=0, threads=4, **WAITRESS_OPTIONS)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield Site(app, f"http://127.0.0.1:{server.effective_port}")

@@ -215,7 +215,7 @@ def test_confirmation_and_welcome_pass_the_wire_lint_msg15(site, smtp) -> None: 
     link = confirm_link(confirmation.text)
     assert link.startswith("https://news.example.com/confirm/")
 
-    assert site.post(link).status_code == 200
+    assert site.press(link).status_code == 200
     smtp.clear()
     site.deliver_outbox()
     [welcome] = smtp.to("ada@example.com")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from ..app import newsletter
 from ..resources import resource_dir
 
 bp = Blueprint("pages", __name__)
@@ -15,7 +16,11 @@ CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self';
 
 @bp.get("/")
 def index() -> str:
-    return render_template("web/subscribe.html")
+    return subscribe_form()
+
+
+def subscribe_form(error: str | None = None, email: str = "") -> str:
+    return render_template("web/subscribe.html", error=error, email=email, started=newsletter().tokens.form_stamp())
 
 
 @bp.get("/style.css")
@@ -24,11 +29,17 @@ def stylesheet() -> Response:
     return Response(css, mimetype="text/css", headers={"Cache-Control": "public, max-age=3600"})
 
 
+FRIENDLY = {
+    429: ("Too many sign-ups", "Too many sign-ups came from your network in a short time. Please try again later."),
+    413: ("Too much data", "That form sent far more data than a sign-up needs."),
+}
+
+
 def install_error_pages(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[str, int]:
-        return render_template("web/error.html", code=exc.code, title=exc.name,
-                               message=exc.description), exc.code or 500
+        title, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
+        return render_template("web/error.html", code=exc.code, title=title, message=message), exc.code or 500
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception) -> tuple[str, int]:

@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template, request
+from urllib.parse import urlsplit
 
-from ..app import newsletter, session
+from flask import Blueprint, abort, render_template, request
+
+from ..app import csrf, newsletter, session
 from ..models import Status, Subscriber
 from ..subscriptions import InvalidAddress, confirm, subscribe
 from ..tokens import ExpiredToken, InvalidToken
 from . import requester
+from .pages import subscribe_form
 
 bp = Blueprint("subscribe", __name__)
 
 
 @bp.post("/subscribe")
 def submit() -> tuple[str, int]:
+    """Every accepted form gets the same page, whether the address is new, known, or a bot's."""
+    if not _origin_allowed():
+        abort(403, "This form may only be posted from the blog's own pages.")
     address = request.form.get("email", "")
+    if "email" not in request.form:
+        return subscribe_form(error="Please enter your email address."), 400
+    if _looks_automated():
+        return render_template("web/check_inbox.html"), 200
     db = session()
     try:
         subscribe(db, newsletter(), address, requester())
     except InvalidAddress as exc:
         db.rollback()
-        return render_template("web/subscribe.html", error=str(exc), email=address[:320]), 400
+        return subscribe_form(error=str(exc), email=address[:320]), 400
     db.commit()
     return render_template("web/check_inbox.html"), 200
+
+
+def _origin_allowed() -> bool:
+    """A browser says which page posted the form: our own, the blog's, or one listed in [web] embed_origins."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    config = newsletter().config
+    allowed = {_origin_of(request.host_url), _origin_of(config.base_url), *map(_origin_of, config.web.embed_origins)}
+    if config.site.feed_url.startswith(("http://", "https://")):
+        allowed.add(_origin_of(config.site.feed_url))
+    return origin.rstrip("/") in allowed
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _looks_automated() -> bool:
+    """The hidden `website` field is filled in, or the form came back faster than a person can type."""
+    if request.form.get("website"):
+        return True
+    stamp = request.form.get("started")
+    if stamp is None:
+        return False
+    age = newsletter().tokens.form_age(stamp)
+    return age is None or age < newsletter().config.web.min_fill_seconds
 
 
 def _confirmable(token: str) -> tuple[Subscriber | None, str | None]:
@@ -59,6 +97,7 @@ def confirm_page(token: str) -> tuple[str, int]:
 
 @bp.post("/confirm/<token>")
 def confirm_submit(token: str) -> tuple[str, int]:
+    csrf.protect()
     subscriber, problem = _confirmable(token)
     if problem:
         return _bad_link(problem)

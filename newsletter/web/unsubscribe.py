@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, render_template, request
 
-from ..app import newsletter, session
+from ..app import csrf, newsletter, session
 from ..models import Subscriber
 from ..subscriptions import unsubscribe
 from ..tokens import InvalidToken
@@ -29,12 +29,15 @@ def page(token: str) -> tuple[str, int]:
 
 @bp.post("/unsubscribe/<token>")
 def submit(token: str) -> tuple[str | Response, int]:
+    one_click = request.form.get("List-Unsubscribe") == "One-Click"
+    if not one_click:
+        csrf.protect()
     subscriber_id = _subscriber_id(token)
     if subscriber_id is None:
         return render_template("web/bad_link.html", reason="unsubscribe"), 400
     subscriber = session().get(Subscriber, subscriber_id)
     if subscriber is not None and unsubscribe(subscriber, requester()):
         session().commit()
-    if request.form.get("List-Unsubscribe") == "One-Click":
+    if one_click:
         return Response("Unsubscribed.\n", mimetype="text/plain"), 200
     return render_template("web/unsubscribed.html"), 200

@@ -1,0 +1,148 @@
+"""Optional DKIM signing (RFC 6376) of the exact bytes that go over SMTP, with dkimpy.
+
+Signing is on when `[dkim] selector` and `[dkim] private_key_file` are set; `[dkim] domain` defaults to
+the domain of `[smtp] from`, so the signature aligns with From for DMARC. The key is read and checked once,
+by `load_signer`, which the commands call at start-up; each message then costs one RSA signature.
+
+The signature covers List-Unsubscribe and List-Unsubscribe-Post, which mailbox providers require before
+they offer one-click unsubscribe (RFC 8058 section 4). From and both List-Unsubscribe fields are
+oversigned (named once more than they occur), so nobody on the way can add a second one without
+breaking the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+from dkim.crypto import parse_pem_private_key
+
+from .config import Config, ConfigError
+
+# Header fields signed when present, in the order they are listed in h=.
+SIGNED_HEADERS = ("from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post",
+                  "list-id", "mime-version", "content-type", "auto-submitted")
+# Signed one extra time (RFC 6376 section 5.4.2), so that adding another instance breaks the signature.
+OVERSIGNED_HEADERS = ("from", "list-unsubscribe", "list-unsubscribe-post")
+MIN_KEY_BITS = 1024  # RFC 8301: verifiers must reject shorter RSA keys
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Adds a DKIM-Signature header to a message (CRLF line endings); call it with the message bytes."""
+
+    selector: str
+    domain: str
+    key_bits: int
+    public_key: bytes  # DER SubjectPublicKeyInfo, as published base64-encoded in the p= tag
+    _key: bytes
+
+    def __call__(self, message: bytes) -> bytes:
+        include = _headers_to_sign(message)
+        signature = dkim.sign(message, self.selector.encode("ascii"), self.domain.encode("ascii"), self._key,
+                              canonicalize=(b"relaxed", b"relaxed"), include_headers=include, linesep=b"\r\n")
+        return signature + message
+
+    @property
+    def dns_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def dns_record(self) -> str:
+        """The TXT record to publish at dns_name."""
+        return "v=DKIM1; k=rsa; p=" + base64.b64encode(self.public_key).decode("ascii")
+
+
+def dkim_enabled(config: Config) -> bool:
+    return bool(config.dkim.selector or config.dkim.private_key_file)
+
+
+def signing_domain(config: Config) -> str:
+    """`[dkim] domain`, or the domain of `[smtp] from` when it is empty (ASCII, lower case)."""
+    domain = (config.dkim.domain or config.from_address.domain).strip().rstrip(".").lower()
+    try:
+        return domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        return domain
+
+
+def load_signer(config: Config) -> Signer | None:
+    """The signer for CONFIG, or None when DKIM is off; raises ConfigError (one line) when it cannot sign."""
+    selector, key_file = config.dkim.selector.strip(), config.dkim.private_key_file.strip()
+    where = config.source
+    if not dkim_enabled(config):
+        if config.dkim.domain:
+            raise ConfigError(f"{where}: [dkim] domain is set but [dkim] selector and private_key_file are "
+                              "empty; set both to sign with DKIM, or remove [dkim] domain")
+        return None
+    if not selector:
+        raise ConfigError(f"{where}: [dkim] selector is empty but [dkim] private_key_file is set; set the "
+                          "selector whose DNS record holds the public key, or remove private_key_file")
+    if not key_file:
+        raise ConfigError(f"{where}: [dkim] private_key_file is empty but [dkim] selector is set; name the "
+                          "PEM file of the private key, or remove the selector")
+    if not _DNS_NAME.match(selector):
+        raise ConfigError(f"{where}: [dkim] selector must be a DNS label like \"news2026\", not {selector!r}")
+    domain = signing_domain(config)
+    if not _DNS_NAME.match(domain) or "." not in domain:
+        raise ConfigError(f"{where}: [dkim] domain must be a domain name like \"example.com\", not {domain!r}")
+    path = Path(key_file).expanduser()
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r}: cannot read it "
+                          f"({exc.strerror or exc}); check the path and its permissions") from None
+    try:
+        key = parse_pem_private_key(pem.replace(b"\r\n", b"\n"))
+        bits = key["modulus"].bit_length()
+        if bits < MIN_KEY_BITS or key["publicExponent"] < 3:
+            raise ValueError(f"a {bits}-bit key is too short")
+        if key["prime1"] * key["prime2"] != key["modulus"]:
+            raise ValueError("its numbers do not form an RSA key")
+    except Exception as exc:  # noqa: BLE001 - any parse failure of the file means the same to the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r} is not a usable unencrypted PEM "
+                          f"RSA private key ({reason}); create one with: openssl genrsa -out dkim.pem 2048") \
+            from None
+    return Signer(selector=selector, domain=domain, key_bits=bits,
+                  public_key=_public_key_info(key["modulus"], key["publicExponent"]), _key=pem)
+
+
+def _headers_to_sign(message: bytes) -> list[bytes]:
+    """SIGNED_HEADERS that occur in MESSAGE's head, each as often as it occurs (+1 if oversigned)."""
+    head = message.split(b"\r\n\r\n", 1)[0]
+    counts: dict[bytes, int] = {}
+    for line in head.split(b"\r\n"):
+        if line[:1] not in (b" ", b"\t"):
+            name = line.partition(b":")[0].strip().lower()
+            counts[name] = counts.get(name, 0) + 1
+    include: list[bytes] = []
+    for name in SIGNED_HEADERS:
+        count = counts.get(name.encode("ascii"), 0)
+        if count:
+            include += [name.encode("ascii")] * (count + (name in OVERSIGNED_HEADERS))
+    return include
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    if length < 0x80:
+        return bytes([tag, length]) + content
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _public_key_info(modulus: int, exponent: int) -> bytes:
+    """DER SubjectPublicKeyInfo of an RSA public key (what DKIM's p= tag carries)."""
+    rsa_encryption = _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b"")
+    public_key = _der(0x30, _der_int(modulus) + _der_int(exponent))
+    return _der(0x30, _der(0x30, rsa_encryption) + _der(0x03, b"\x00" + public_key))

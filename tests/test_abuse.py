@@ -1,0 +1,220 @@
+"""A public form under attack: rate limits, subscription bombing, bots, cross-site posts, CSRF."""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import requests
+from itsdangerous import TimestampSigner
+from sqlalchemy import func, select
+
+from newsletter.models import Confirmation, OutboxMessage, Status, Subscriber
+from newsletter.tokens import FORM_SALT
+
+from .test_reader_flow import confirm_link
+
+
+@pytest.fixture
+def extra_config() -> str:
+    return """
+[web]
+embed_origins = ["https://harbour-notes.example"]
+signup_ceiling = 5
+"""
+
+
+def count(nl, model, *where) -> int:  # noqa: ANN001
+    with nl.sessions() as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def age_confirmations(nl, minutes: int) -> None:  # noqa: ANN001
+    """Stand-in for time passing: every confirmation email so far was sent MINUTES earlier."""
+    with nl.sessions.begin() as session:
+        for confirmation in session.scalars(select(Confirmation)):
+            confirmation.sent_at -= timedelta(minutes=minutes)
+
+
+def test_per_ip_limit_gives_429_and_stores_nothing(site, smtp) -> None:  # noqa: ANN001
+    for i in range(10):
+        assert site.subscribe(f"reader{i}@example.com").status_code == 200
+    over = site.subscribe("one-too-many@example.com")
+    assert over.status_code == 429
+    assert "Too many sign-ups" in over.text and "try again later" in over.text
+    assert count(site.nl, Subscriber, Subscriber.email_key == "one-too-many@example.com") == 0
+    assert count(site.nl, Subscriber) == 10
+
+
+def test_the_limit_is_shared_by_every_web_process(site, app, smtp) -> None:  # noqa: ANN001
+    """A second app on the same database (another worker process) sees the same counts."""
+    from newsletter.app import create_app
+
+    other = create_app(site.nl.config).test_client()
+    for i in range(5):
+        site.subscribe(f"reader{i}@example.com")
+    for i in range(5):
+        assert other.post("/subscribe", data={"email": f"other{i}@example.com"}).status_code == 200
+    assert other.post("/subscribe", data={"email": "late@example.com"}).status_code == 429
+    assert site.subscribe("late@example.com").status_code == 429
+
+
+def test_forwarded_for_is_ignored_without_a_trusted_proxy(site, smtp) -> None:  # noqa: ANN001
+    for i in range(10):
+        site.post("/subscribe", data={"email": f"r{i}@example.com"}, headers={"X-Forwarded-For": f"10.0.0.{i}"})
+    spoofed = site.post("/subscribe", data={"email": "x@example.com"}, headers={"X-Forwarded-For": "10.9.9.9"})
+    assert spoofed.status_code == 429
+
+
+@pytest.mark.parametrize("extra_config", ["[web]\ntrusted_proxies = 1\n"])
+def test_forwarded_for_is_the_client_behind_a_trusted_proxy(site, smtp) -> None:  # noqa: ANN001
+    for i in range(12):
+        response = site.post("/subscribe", data={"email": f"r{i}@example.com"},
+                             headers={"X-Forwarded-For": f"203.0.113.{i}"})
+        assert response.status_code == 200, (i, response.text)
+    with site.nl.sessions() as session:
+        assert session.scalar(select(Subscriber.subscribed_ip).where(Subscriber.email_key == "r3@example.com")) \
+            == "203.0.113.3"
+    for _ in range(10):
+        site.post("/subscribe", data={"email": "same@example.com"}, headers={"X-Forwarded-For": "198.51.100.7"})
+    assert site.post("/subscribe", data={"email": "same@example.com"},
+                     headers={"X-Forwarded-For": "198.51.100.7"}).status_code == 429
+
+
+@pytest.mark.parametrize("extra_config", ["[web]\ntrusted_proxies = 1\nrate_limit = \"1000 per hour\"\n"])
+def test_subscription_bombing_one_address_gets_at_most_three_a_day(site, smtp) -> None:  # noqa: ANN001
+    """Many IPs submit the victim's address and its +tag variants: 1 email per 10 minutes, 3 a day."""
+    variants = ["victim@example.com", "Victim+1@example.com", "victim+news@Example.COM", "VICTIM+x@example.com"]
+    pages = set()
+    for round_ in range(5):
+        for i, address in enumerate(variants * 3):
+            pages.add(site.post("/subscribe", data={"email": address},
+                                headers={"X-Forwarded-For": f"192.0.2.{round_ * 20 + i}"}).text)
+        age_confirmations(site.nl, 11)
+    site.deliver_outbox()
+    received = [m for m in smtp.messages if m.recipients[0].lower().split("+")[0].startswith("victim")]
+    assert len(received) == 3
+    assert len(pages) == 1
+
+
+def test_circuit_breaker_holds_confirmations_and_stats_says_so(site, smtp, run) -> None:  # noqa: ANN001
+    for i in range(8):
+        site.subscribe(f"stranger{i}@example.com")
+    site.deliver_outbox()
+    assert len(smtp.messages) == 5
+    assert count(site.nl, OutboxMessage, OutboxMessage.held.is_(True)) == 3
+    stats = run("stats").output
+    assert "3 held" in stats and "HELD" in stats
+
+    with site.nl.sessions.begin() as session:  # an hour later the flood has stopped
+        for sub in session.scalars(select(Subscriber)):
+            sub.subscribed_at -= timedelta(hours=2)
+    site.deliver_outbox()
+    assert len(smtp.messages) == 8
+    assert "HELD" not in run("stats").output
+
+
+def test_honeypot_gets_the_same_page_and_nothing_happens(site, smtp) -> None:  # noqa: ANN001
+    human = site.post("/subscribe", data={"email": "human@example.com", "website": ""})
+    bot = site.post("/subscribe", data={"email": "victim@example.com", "website": "http://spam.example"})
+    assert bot.status_code == human.status_code == 200 and bot.text == human.text
+    assert count(site.nl, Subscriber, Subscriber.email_key == "victim@example.com") == 0
+
+
+def test_a_form_returned_faster_than_a_person_types_is_ignored(site, smtp) -> None:  # noqa: ANN001
+    stamp = re.search(r'name="started" value="([^"]+)"', site.get("/").text).group(1)
+    fast = site.post("/subscribe", data={"email": "fast@example.com", "started": stamp})
+    forged = site.post("/subscribe", data={"email": "forged@example.com", "started": "form.AAAAAA.forged"})
+    signer = TimestampSigner([site.nl.config.security.secret_key], salt=FORM_SALT)
+    signer.get_timestamp = lambda: int(time.time()) - 30  # type: ignore[method-assign]
+    human = site.post("/subscribe", data={"email": "slow@example.com", "started": signer.sign("form").decode()})
+    assert fast.text == forged.text == human.text
+    site.deliver_outbox()
+    assert [m.recipients for m in smtp.messages] == [["slow@example.com"]]
+
+
+def test_confirmation_email_carries_nothing_the_visitor_typed_but_the_address(site, smtp) -> None:  # noqa: ANN001
+    site.post("/subscribe", data={"email": "target@example.com", "name": "Cheap pills at pills.example",
+                                  "comment": "http://spam.example/win"})
+    site.deliver_outbox()
+    [message] = smtp.to("target@example.com")
+    assert "pills" not in message.raw.decode() and "spam.example" not in message.raw.decode()
+
+
+def test_embedded_form_posts_cross_origin_without_cookies(site, smtp, run) -> None:  # noqa: ANN001
+    snippet = run("embed").output
+    assert 'action="https://news.example.com/subscribe"' in snippet and 'name="email"' in snippet
+    assert 'name="website"' in snippet
+    from_blog = site.post("/subscribe", data={"email": "fan@example.com", "website": ""},
+                          headers={"Origin": "https://harbour-notes.example"})
+    assert from_blog.status_code == 200 and "Check your inbox" in from_blog.text
+    assert count(site.nl, Subscriber, Subscriber.email_key == "fan@example.com") == 1
+    elsewhere = site.post("/subscribe", data={"email": "victim@example.com"},
+                          headers={"Origin": "https://evil.example"})
+    assert elsewhere.status_code == 403
+    assert count(site.nl, Subscriber, Subscriber.email_key == "victim@example.com") == 0
+
+
+def test_buttons_need_their_csrf_token_but_one_click_does_not(site, smtp) -> None:  # noqa: ANN001
+    site.subscribe("reader@example.com")
+    site.deliver_outbox()
+    link = confirm_link(smtp.to("reader@example.com")[0])
+    assert site.post(link).status_code == 400  # a forged cross-site POST carries no token
+    assert count(site.nl, Subscriber, Subscriber.status == Status.CONFIRMED) == 0
+    assert site.press(link).status_code == 200
+    token = site.nl.tokens.unsubscribe_token(1)
+    assert site.post(f"/unsubscribe/{token}").status_code == 400
+    assert count(site.nl, Subscriber, Subscriber.status == Status.CONFIRMED) == 1
+    assert site.post(f"/unsubscribe/{token}", data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert count(site.nl, Subscriber, Subscriber.status == Status.UNSUBSCRIBED) == 1
+
+
+def test_security_headers_on_every_page(site, smtp) -> None:  # noqa: ANN001
+    site.subscribe("reader@example.com")
+    site.deliver_outbox()
+    confirm = confirm_link(smtp.to("reader@example.com")[0])
+    unsubscribe = f"/unsubscribe/{site.nl.tokens.unsubscribe_token(1)}"
+    pages = [site.get("/"), site.subscribe("x@example.com"), site.get(confirm), site.press(confirm),
+             site.get(unsubscribe), site.get("/healthz"), site.get("/missing"), site.get("/confirm/bad")]
+    for page in pages:
+        csp = page.headers["Content-Security-Policy"]
+        assert "script-src 'none'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert page.headers["Referrer-Policy"] == "no-referrer"
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        assert page.headers["Cache-Control"] == "no-store"
+        assert "<script" not in page.text
+
+
+def test_tokens_carry_no_readable_address(site, smtp) -> None:  # noqa: ANN001
+    site.subscribe("private.person@example.com")
+    site.deliver_outbox()
+    link = confirm_link(smtp.to("private.person@example.com")[0])
+    for token in (link.rsplit("/", 1)[1], site.nl.tokens.unsubscribe_token(1)):
+        payload = token.split(".")[0]
+        decoded = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        assert b"@" not in decoded and b"private" not in decoded
+
+
+@pytest.mark.parametrize("extra_config", ["[web]\nrate_limit = \"1000 per hour\"\n"])
+def test_fifty_concurrent_submissions_make_one_subscriber(site, smtp) -> None:  # noqa: ANN001
+    responses: list[requests.Response] = []
+    barrier = threading.Barrier(50)
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        responses.append(requests.post(f"{site.base}/subscribe", data={"email": "Same.Person@example.com"},
+                                       timeout=30))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(responses) == 50
+    assert {r.status_code for r in responses} == {200}
+    assert count(site.nl, Subscriber) == 1
+    assert count(site.nl, OutboxMessage) == 1
