@@ -10,7 +10,6 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import dkim
 from flask import Flask, render_template
 
 from .app import Newsletter
@@ -134,6 +133,8 @@ def check_dkim(config: Config) -> tuple[Signer | None, Check]:
         return None, Check("dkim", None, "off: the SMTP relay must sign with DKIM for the From domain "
                            f"{signing_domain(config)}, including List-Unsubscribe-Post in h= (set [dkim] "
                            "selector and private_key_file to sign here instead)")
+    import dkim
+
     sample = signer(b"From: <check@" + signer.domain.encode("ascii") + b">\r\nSubject: check\r\n\r\ncheck\r\n")
     if not dkim.verify(sample, dnsfunc=lambda name, timeout=5: signer.dns_record.encode("ascii")):
         return None, Check("dkim", False, "a test signature does not verify against the key's own public key; "

@@ -20,6 +20,7 @@ from .app import WAITRESS_OPTIONS, Newsletter, create_app
 from .config import ConfigError, load_config
 from .dispatch import SendReport
 from .feeds import FeedError, new_entries, read_feed, record_entries
+from .signing import load_signer
 from .models import Post, Status, Subscriber, utcnow
 from .sanitize import clean_html, plain_to_html
 from .subscriptions import (EXPORT_COLUMNS, InvalidAddress, Requester, add, export_row, find, import_row, normalize,
@@ -50,6 +51,7 @@ class State:
                 app = create_app(config)
                 if check_schema:
                     db.require_current_schema(app.extensions["newsletter"].engine)
+                    load_signer(config)
             except (ConfigError, db.DatabaseError) as exc:
                 raise Failure(str(exc), exit_code=2) from None
             click.get_current_context().with_resource(app.app_context())
@@ -565,6 +567,33 @@ def embed(state: State) -> None:
     """
     nl = state.newsletter()
     click.echo(render_template("web/embed.html", action=f"{nl.config.base_url}/subscribe"))
+
+
+@cli.command()
+@pass_state
+def check(state: State) -> None:
+    """Check the setup for what would otherwise show up as bounces or spam-foldered mail.
+
+    Looks at base_url, the From domain, the SMTP server (reachable, TLS verified), DKIM, and prints
+    the headers of a sample notification. Exits with status 1 when something needs fixing.
+
+    \b
+    Example:
+      $ newsletter check
+      ok    base_url: https://news.example.com
+      ...
+    """
+    from .checks import run_checks
+
+    checks = run_checks(state.app(check_schema=False))
+    for item in checks:
+        label = {True: "ok", False: "FIX", None: "info"}[item.ok]
+        first, *rest = item.detail.splitlines() or [""]
+        click.echo(f"{label:<5} {item.name}: {first}")
+        for line in rest:
+            click.echo(f"        {line}")
+    if any(item.ok is False for item in checks):
+        sys.exit(1)
 
 
 @cli.command()

@@ -192,6 +192,9 @@ def _convert(value: Any, default: Any, where: str) -> Any:
 
 def _validated(config: Config) -> Config:
     where = config.source
+    if not config.security.secret_key and not config.demo and where.endswith("(not found)"):
+        raise ConfigError(f"{where.removesuffix(' (not found)')}: no such configuration file; copy "
+                          "config.example.toml there and set [security] secret_key, or pass --config PATH")
     if not config.security.secret_key and not config.demo:
         raise ConfigError(f"{where}: [security] secret_key is empty; set it to a long random string, e.g. the "
                           "output of: python -c \"import secrets; print(secrets.token_urlsafe(48))\"")

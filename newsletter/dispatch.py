@@ -192,19 +192,16 @@ def send(nl: Newsletter, sender_id: int, progress: Progress | None = None,
         _PostSender(nl, sender_id, post, template, report, progress, quota, pace).run()
         if report.error or report.quota_reached:
             break
-        with nl.sessions.begin() as session:
-            open_rows = session.scalar(select(func.count()).select_from(Delivery).where(
-                Delivery.post_id == post.id,
-                Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING])))
-            if not open_rows:
+        if not _count(nl, post, DeliveryStatus.PENDING, DeliveryStatus.SENDING):
+            with nl.sessions.begin() as session:
                 session.execute(update(Post).where(Post.id == post.id).values(announced_at=utcnow()))
     return report
 
 
-def _count(nl: Newsletter, post: Post, status: DeliveryStatus) -> int:
+def _count(nl: Newsletter, post: Post, *statuses: DeliveryStatus) -> int:
     with nl.sessions() as session:
         return session.scalar(select(func.count()).select_from(Delivery)
-                              .where(Delivery.post_id == post.id, Delivery.status == status)) or 0
+                              .where(Delivery.post_id == post.id, Delivery.status.in_(statuses))) or 0
 
 
 class _Pace:
@@ -287,7 +284,7 @@ class _PostSender:
                 raise
             if self.report.error or self.report.quota_reached or not self.requeued:
                 break
-        self.report.deferred += _count(self.nl, self.post, DeliveryStatus.PENDING)
+        self.report.deferred += _count(self.nl, self.post, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 
     def _work(self) -> None:
         connection = smtp_connection(self.nl.config.smtp)
@@ -329,14 +326,20 @@ class _PostSender:
             while not self.stop.is_set():
                 size = self.quota.take(self.nl.config.smtp.batch_size)
                 if not size:
-                    self.report.quota_reached = True
-                    self.stop.set()
+                    if self._pending_left(session):
+                        self.report.quota_reached = True
+                        self.stop.set()
                     return []
                 claimed, unused = self._claim(session, size)
                 self.quota.give_back(unused)
                 if claimed or self.cursor is None:
                     return claimed
             return []
+
+    def _pending_left(self, session: Session) -> bool:
+        return self.cursor is not None and session.scalar(
+            select(Delivery.id).where(Delivery.post_id == self.post.id, Delivery.status == DeliveryStatus.PENDING,
+                                      Delivery.id > self.cursor).limit(1)) is not None
 
     def _claim(self, session: Session, size: int) -> tuple[list[_Claimed], int]:
         """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`.

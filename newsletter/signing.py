@@ -1,8 +1,12 @@
 """Optional DKIM signing (RFC 6376) of the exact bytes that go over SMTP, with dkimpy.
 
 Signing is on when `[dkim] selector` and `[dkim] private_key_file` are set; `[dkim] domain` defaults to
-the domain of `[smtp] from`, so the signature aligns with From for DMARC. The key is read and checked once,
-by `load_signer`, which the commands call at start-up; each message then costs one RSA signature.
+the domain of `[smtp] from`, so the signature aligns with From for DMARC. `load_signer` reads and checks
+the key (at start-up, then once per post sent and per outbox run); each message then costs one RSA
+signature, done in pure Python by dkimpy (several milliseconds for a 2048-bit key).
+
+Messages are signed when they go out, not when they are rendered: the outbox keeps unsigned bytes, so
+emails queued before DKIM was set up, or before a key change, go out signed with the current key.
 
 The signature covers List-Unsubscribe and List-Unsubscribe-Post, which mailbox providers require before
 they offer one-click unsubscribe (RFC 8058 section 4). From and both List-Unsubscribe fields are
@@ -14,11 +18,9 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import dkim
-from dkim.crypto import parse_pem_private_key
+from typing import Callable
 
 from .config import Config, ConfigError
 
@@ -40,12 +42,13 @@ class Signer:
     domain: str
     key_bits: int
     public_key: bytes  # DER SubjectPublicKeyInfo, as published base64-encoded in the p= tag
-    _key: bytes
+    _key: bytes = field(repr=False)  # the PEM file's bytes, handed to dkimpy for each message
+    _sign: Callable[..., bytes] = field(repr=False)  # dkim.sign
 
     def __call__(self, message: bytes) -> bytes:
         include = _headers_to_sign(message)
-        signature = dkim.sign(message, self.selector.encode("ascii"), self.domain.encode("ascii"), self._key,
-                              canonicalize=(b"relaxed", b"relaxed"), include_headers=include, linesep=b"\r\n")
+        signature = self._sign(message, self.selector.encode("ascii"), self.domain.encode("ascii"), self._key,
+                                canonicalize=(b"relaxed", b"relaxed"), include_headers=include, linesep=b"\r\n")
         return signature + message
 
     @property
@@ -80,6 +83,11 @@ def load_signer(config: Config) -> Signer | None:
             raise ConfigError(f"{where}: [dkim] domain is set but [dkim] selector and private_key_file are "
                               "empty; set both to sign with DKIM, or remove [dkim] domain")
         return None
+    import dkim  # only when signing: dkimpy loads dnspython, which every command would pay for
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     if not selector:
         raise ConfigError(f"{where}: [dkim] selector is empty but [dkim] private_key_file is set; set the "
                           "selector whose DNS record holds the public key, or remove private_key_file")
@@ -93,24 +101,25 @@ def load_signer(config: Config) -> Signer | None:
         raise ConfigError(f"{where}: [dkim] domain must be a domain name like \"example.com\", not {domain!r}")
     path = Path(key_file).expanduser()
     try:
-        pem = path.read_bytes()
+        pem = path.read_bytes().replace(b"\r\n", b"\n")
     except OSError as exc:
         raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r}: cannot read it "
                           f"({exc.strerror or exc}); check the path and its permissions") from None
     try:
-        key = parse_pem_private_key(pem.replace(b"\r\n", b"\n"))
-        bits = key["modulus"].bit_length()
-        if bits < MIN_KEY_BITS or key["publicExponent"] < 3:
-            raise ValueError(f"a {bits}-bit key is too short")
-        if key["prime1"] * key["prime2"] != key["modulus"]:
-            raise ValueError("its numbers do not form an RSA key")
-    except Exception as exc:  # noqa: BLE001 - any parse failure of the file means the same to the user
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r} is not a usable unencrypted PEM "
                           f"RSA private key ({reason}); create one with: openssl genrsa -out dkim.pem 2048") \
             from None
-    return Signer(selector=selector, domain=domain, key_bits=bits,
-                  public_key=_public_key_info(key["modulus"], key["publicExponent"]), _key=pem)
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < MIN_KEY_BITS:
+        found = f"a {key.key_size}-bit RSA key" if isinstance(key, rsa.RSAPrivateKey) else "not an RSA key"
+        raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r} holds {found}; receivers need RSA of "
+                          f"at least {MIN_KEY_BITS} bits; create one with: openssl genrsa -out dkim.pem 2048")
+    public_key = key.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Signer(selector=selector, domain=domain, key_bits=key.key_size, public_key=public_key, _key=pem,
+                  _sign=dkim.sign)
 
 
 def _headers_to_sign(message: bytes) -> list[bytes]:
@@ -127,22 +136,3 @@ def _headers_to_sign(message: bytes) -> list[bytes]:
         if count:
             include += [name.encode("ascii")] * (count + (name in OVERSIGNED_HEADERS))
     return include
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    length = len(content)
-    if length < 0x80:
-        return bytes([tag, length]) + content
-    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
-
-
-def _der_int(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def _public_key_info(modulus: int, exponent: int) -> bytes:
-    """DER SubjectPublicKeyInfo of an RSA public key (what DKIM's p= tag carries)."""
-    rsa_encryption = _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b"")
-    public_key = _der(0x30, _der_int(modulus) + _der_int(exponent))
-    return _der(0x30, _der(0x30, rsa_encryption) + _der(0x03, b"\x00" + public_key))

@@ -180,7 +180,7 @@ def import_row(session: Session, row: dict[str, str]) -> bool:
     Returns False when the address is already a subscriber (left as it is); raises ValueError saying
     what is wrong with the row.
     """
-    status = row.get("status") or Status.CONFIRMED.value
+    status = (row.get("status") or Status.CONFIRMED.value).lower()
     if status not in {s.value for s in Status}:
         raise ValueError(f"status {status!r} is not one of {', '.join(s.value for s in Status)}")
     times = {}

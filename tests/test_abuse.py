@@ -159,6 +159,16 @@ def test_embedded_form_posts_cross_origin_without_cookies(site, smtp, run) -> No
     assert count(site.nl, Subscriber, Subscriber.email_key == "victim@example.com") == 0
 
 
+def test_our_own_form_posted_without_a_referer_is_accepted(site, smtp) -> None:  # noqa: ANN001
+    """Our pages send no Referer, so a browser may post them with `Origin: null`; Sec-Fetch-Site vouches."""
+    own = site.post("/subscribe", data={"email": "own@example.com"},
+                    headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    forced_null = site.post("/subscribe", data={"email": "victim@example.com"},
+                            headers={"Origin": "null", "Sec-Fetch-Site": "cross-site"})
+    assert own.status_code == 200 and forced_null.status_code == 403
+    assert count(site.nl, Subscriber) == 1
+
+
 def test_buttons_need_their_csrf_token_but_one_click_does_not(site, smtp) -> None:  # noqa: ANN001
     site.subscribe("reader@example.com")
     site.deliver_outbox()

@@ -1,0 +1,276 @@
+"""A reader in a real browser: headless Chromium against the app over HTTP, mail through a real SMTP server.
+
+Needs Chromium on the PATH (Debian: `apt-get install chromium`) and the `playwright` Python package; Playwright's
+own browser download is not used. Without them the tests are skipped, unless the CI environment variable is set.
+Screenshots of every page, at a phone and a desktop width, go to test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from newsletter.models import Status, Subscriber
+
+from .conftest import publish
+from .test_reader_flow import confirm_link, subscriber, unsubscribe_link
+
+SCREENSHOTS = Path(__file__).parents[1] / "test-artifacts" / "screenshots"
+WIDTHS = (375, 1280)
+HUMAN_PACE = 2.5  # seconds between loading the subscribe page and submitting it; [web] min_fill_seconds is 2
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--no-first-run", "--disable-sync"]
+ACCENT = "rgb(31, 95, 191)"  # style.css --accent: proves the stylesheet loaded under the page's CSP
+
+
+class HostSite:
+    """Someone's web site on another loopback port (another origin) that serves one page, set by the test."""
+
+    def __init__(self) -> None:
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = site.html.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.html = ""
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def blog() -> Iterator[HostSite]:
+    """The blog's own site, where the owner pastes `newsletter embed`; listed in [web] embed_origins."""
+    host = HostSite()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def copycat() -> Iterator[HostSite]:
+    """A site the owner never listed, with a copy of the form."""
+    host = HostSite()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def extra_config(blog: HostSite) -> str:
+    return f'[web]\nembed_origins = ["{blog.origin}"]\n'
+
+
+def missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so the browser test must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():  # noqa: ANN201
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("the playwright Python package is not installed (pip install playwright)")
+    executable = shutil.which("chromium")
+    if executable is None:
+        missing("no chromium on the PATH (Debian: apt-get install chromium)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Problems(list):
+    """Console errors (a CSP violation, say), page errors, failed requests and refused stylesheets or images."""
+
+
+@pytest.fixture
+def page(browser) -> Iterator:  # noqa: ANN001
+    context = browser.new_context(viewport={"width": WIDTHS[-1], "height": 800}, locale="en-GB")
+    context.set_default_timeout(10_000)
+    tab = context.new_page()
+    tab.problems = Problems()
+    tab.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+           and tab.problems.append(f"console: {m.text}"))
+    tab.on("pageerror", lambda e: tab.problems.append(f"page error: {e}"))
+    tab.on("requestfailed", lambda r: tab.problems.append(f"request failed: {r.url} {r.failure}"))
+    tab.on("response", lambda r: r.status >= 400 and r.request.resource_type != "document"
+           and not r.url.endswith("/favicon.ico") and tab.problems.append(f"{r.status}: {r.url}"))
+    yield tab
+    context.close()
+
+
+def shoot(page, name: str) -> None:  # noqa: ANN001
+    """Full-page PNGs at each width; on each, nothing may stick out sideways (no horizontal scrolling)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 800})
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{name} at {width}px scrolls sideways by {overflow}px"
+        page.screenshot(path=SCREENSHOTS / f"{name}-{width}.png", full_page=True)
+
+
+def heading(page) -> str:  # noqa: ANN001
+    return page.get_by_role("heading", level=1).inner_text()
+
+
+def honeypot_is_out_of_sight(page) -> None:  # noqa: ANN001
+    """The `website` trap is off-screen for sighted people and absent for screen readers: one textbox only."""
+    trap = page.locator('input[name="website"]')
+    box = trap.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 0, box
+    assert page.get_by_role("textbox").count() == 1
+
+
+def submit(page, button: str, url: str):  # noqa: ANN001, ANN201
+    """Click BUTTON and wait for the page its form loads; returns that response."""
+    with page.expect_navigation(url=url) as navigation:
+        page.get_by_role("button", name=button).click()
+    return navigation.value
+
+
+def type_like_a_person(page, field, text: str, since: float) -> None:  # noqa: ANN001
+    field.click()
+    field.press_sequentially(text, delay=40)
+    time.sleep(max(0.0, since + HUMAN_PACE - time.monotonic()))
+
+
+def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, run, feed, page) -> None:  # noqa: ANN001
+    assert run("posts", "fetch").exit_code == 0
+
+    loaded = page.goto(site.base + "/")
+    opened = time.monotonic()
+    assert loaded.status == 200
+    assert page.title() == "Subscribe to Harbour Notes" and heading(page) == "Get new posts by email"
+    email = page.get_by_label("Email address", exact=True)
+    assert email.get_attribute("type") == "email" and email.get_attribute("autocomplete") == "email"
+    assert page.get_by_role("button", name="Subscribe").evaluate("b => getComputedStyle(b).backgroundColor") == ACCENT
+    honeypot_is_out_of_sight(page)
+    shoot(page, "01-subscribe")
+
+    # A slip of the finger: the page comes back with the form, the address kept and the reason beside it.
+    type_like_a_person(page, email, "ada.example.com", since=opened)
+    with page.expect_request(f"{site.base}/subscribe") as posted:
+        rejected = submit(page, "Subscribe", f"{site.base}/subscribe")
+    opened = time.monotonic()
+    assert rejected.status == 400, (f"{rejected.status} for a form sent with Origin: "
+                                    f"{posted.value.header_value('origin')}: {page.locator('main').inner_text()!r}")
+    error = page.get_by_role("alert")
+    assert error.inner_text() == "An email address must have an @-sign."
+    email = page.get_by_label("Email address", exact=True)
+    assert email.input_value() == "ada.example.com"
+    assert email.get_attribute("aria-invalid") == "true" and email.get_attribute("aria-describedby") == "email-error"
+    field_box, error_box = email.bounding_box(), error.bounding_box()
+    assert 0 <= error_box["y"] - (field_box["y"] + field_box["height"]) < 24  # right under the field
+    assert subscriber(site.nl, "ada@example.com") is None
+    honeypot_is_out_of_sight(page)
+    shoot(page, "02-subscribe-error")
+
+    email.fill("")
+    type_like_a_person(page, email, "ada@example.com", since=opened)
+    accepted = submit(page, "Subscribe", f"{site.base}/subscribe")
+    assert accepted.status == 200 and heading(page) == "Check your inbox"
+    assert subscriber(site.nl, "ada@example.com").status == Status.UNCONFIRMED
+    shoot(page, "03-check-inbox")
+
+    assert smtp.messages == []
+    site.deliver_outbox()
+    [confirmation] = smtp.to("ada@example.com")
+    link = confirm_link(confirmation)
+    assert page.goto(site.url(link)).status == 200
+    assert heading(page) == "Confirm your subscription"
+    assert subscriber(site.nl, "ada@example.com").status == Status.UNCONFIRMED  # opening the link is not enough
+    shoot(page, "04-confirm")
+
+    confirmed = submit(page, "Yes, subscribe me", site.url(link))
+    assert confirmed.status == 200 and heading(page) == "You're subscribed"
+    assert subscriber(site.nl, "ada@example.com").status == Status.CONFIRMED
+    shoot(page, "05-confirmed")
+
+    site.deliver_outbox()  # the welcome email
+    publish(feed, "Ice on the quay", "ice-on-the-quay")
+    smtp.clear()
+    sent = run("send")
+    assert sent.exit_code == 0 and "1 sent, 0 failed" in sent.output, sent.output
+    [notification] = smtp.to("ada@example.com")
+    assert notification.message["Subject"] == "Ice on the quay"
+    leave = unsubscribe_link(notification)
+    assert page.goto(site.url(leave)).status == 200
+    assert heading(page) == "Unsubscribe from Harbour Notes?"
+    assert subscriber(site.nl, "ada@example.com").status == Status.CONFIRMED
+    shoot(page, "06-unsubscribe")
+
+    left = submit(page, "Unsubscribe", site.url(leave))
+    assert left.status == 200 and heading(page) == "You're unsubscribed"
+    gone = subscriber(site.nl, "ada@example.com")
+    assert gone.status == Status.UNSUBSCRIBED and gone.unsubscribed_at is not None
+    shoot(page, "07-unsubscribed")
+
+    assert page.problems == []
+
+
+def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(site, smtp, run, page, blog,  # noqa: ANN001
+                                                                    copycat) -> None:
+    snippet = run("embed").output
+    assert f'action="{site.nl.config.base_url}/subscribe"' in snippet
+    blog.html = copycat.html = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Harbour Notes</title>
+<style>body {{ font: 16px/1.5 Georgia, serif; margin: 0 auto; padding: 1rem; max-width: 46rem; }}</style>
+</head><body>
+<header><h1>Harbour Notes</h1></header>
+<article><h2>Market prices: a quiet week</h2><p>Boats in, nets mended, prices steady along the quay.</p></article>
+<aside>
+{site.url(snippet)}
+</aside>
+</body></html>"""
+
+    assert page.goto(f"{blog.origin}/").status == 200
+    email = page.get_by_label("Get new posts by email", exact=True)
+    assert email.get_attribute("type") == "email"
+    honeypot_is_out_of_sight(page)
+    shoot(page, "08-embed-host")
+
+    assert page.context.cookies(site.base) == []
+    email.fill("fan@example.com")
+    with page.expect_request(f"{site.base}/subscribe") as sent:
+        accepted = submit(page, "Subscribe", f"{site.base}/subscribe")
+    headers = sent.value.all_headers()
+    assert sent.value.method == "POST" and headers.get("origin") == blog.origin and "cookie" not in headers
+    assert accepted.status == 200 and heading(page) == "Check your inbox"
+    assert subscriber(site.nl, "fan@example.com").status == Status.UNCONFIRMED
+    site.deliver_outbox()
+    assert smtp.subjects("fan@example.com") == ["Confirm your subscription to Harbour Notes"]
+
+    # The same snippet copied onto a site the owner did not list is refused, and stores nothing.
+    page.goto(f"{copycat.origin}/")
+    page.get_by_label("Get new posts by email", exact=True).fill("victim@example.com")
+    refused = submit(page, "Subscribe", f"{site.base}/subscribe")
+    assert refused.status == 403
+    with site.nl.sessions() as session:
+        assert session.scalars(select(Subscriber.email)).all() == ["fan@example.com"]
+
+    assert page.problems == []
