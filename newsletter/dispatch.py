@@ -147,6 +147,10 @@ def queue_posts(nl: Newsletter) -> list[Post]:
                 .where(Subscriber.status == Status.CONFIRMED)))
             post.queued_at = utcnow()
             post.message_seed = os.urandom(8).hex()
+    if posts and nl.engine.dialect.name == "postgresql":
+        with nl.engine.connect() as conn:  # fresh statistics, or claims plan a scan of every pending row
+            conn.execute(text("ANALYZE deliveries"))
+            conn.commit()
     return posts
 
 
@@ -251,7 +255,8 @@ class _PostSender:
     """Sends one post's pending deliveries over [smtp] connections parallel SMTP connections.
 
     Each thread owns one connection. Recording a finished batch and claiming the next happen in one
-    transaction, under a lock shared by the threads, so SQLite never sees two writers at once.
+    transaction. On SQLite the threads take turns at the database, so it never sees two writers at once;
+    on PostgreSQL they claim side by side (SKIP LOCKED). `lock` guards the counters they share.
     """
 
     def __init__(self, nl: Newsletter, sender_id: int, post: Post, template: MessageTemplate, report: SendReport,
@@ -259,6 +264,7 @@ class _PostSender:
         self.nl, self.sender_id, self.post, self.template = nl, sender_id, post, template
         self.report, self.progress, self.quota, self.pace = report, progress, quota, pace
         self.lock = threading.Lock()
+        self.db_lock = threading.Lock() if nl.engine.dialect.name == "sqlite" else contextlib.nullcontext()
         self.cursor: int | None = 0
         self.requeued = 0
         self.stop = threading.Event()
@@ -291,7 +297,7 @@ class _PostSender:
         done: list[tuple[_Claimed, Result]] = []
         try:
             while True:
-                with self.lock:
+                with self.db_lock:
                     batch = self._record_and_claim(done)
                 if not batch:
                     return
@@ -306,7 +312,7 @@ class _PostSender:
                     self.stop.set()
         finally:
             if done:
-                with self.lock:
+                with self.db_lock:
                     self._record(done)
             connection.close()
 
@@ -324,14 +330,16 @@ class _PostSender:
                 self._record(done, session)
                 done.clear()
             while not self.stop.is_set():
-                size = self.quota.take(self.nl.config.smtp.batch_size)
+                with self.lock:
+                    size = self.quota.take(self.nl.config.smtp.batch_size)
                 if not size:
                     if self._pending_left(session):
                         self.report.quota_reached = True
                         self.stop.set()
                     return []
                 claimed, unused = self._claim(session, size)
-                self.quota.give_back(unused)
+                with self.lock:
+                    self.quota.give_back(unused)
                 if claimed or self.cursor is None:
                     return claimed
             return []
@@ -346,12 +354,13 @@ class _PostSender:
 
         Returns the rows to send and how many of SIZE were not used for sending.
         """
-        if self.cursor is None:
+        cursor = self.cursor
+        if cursor is None:
             return [], size
         now = utcnow()
         ids = (select(Delivery.id)
                .where(Delivery.post_id == self.post.id, Delivery.status == DeliveryStatus.PENDING,
-                      Delivery.id > self.cursor)
+                      Delivery.id > cursor)
                .order_by(Delivery.id).limit(size))
         if session.bind.dialect.name == "postgresql":
             ids = ids.with_for_update(skip_locked=True)
@@ -360,18 +369,21 @@ class _PostSender:
             .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
             .where(Delivery.id.in_(ids.scalar_subquery()))
             .order_by(Delivery.id)).all()
-        if not rows:
-            self.cursor = None
-            return [], size
-        self.cursor = rows[-1][0]
+        with self.lock:
+            if not rows:
+                self.cursor = None
+                return [], size
+            if self.cursor is not None:
+                self.cursor = max(self.cursor, rows[-1][0])
         live = [row for row in rows if row[3] == Status.CONFIRMED]
         gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
         if gone:
             session.execute(update(Delivery).where(Delivery.id.in_(gone))
                             .values(status=DeliveryStatus.SKIPPED, updated_at=now))
-            self.report.skipped += len(gone)
-            if self.progress:
-                self.progress(len(gone))
+            with self.lock:
+                self.report.skipped += len(gone)
+                if self.progress:
+                    self.progress(len(gone))
         if live:
             session.execute(update(Delivery).where(Delivery.id.in_([row[0] for row in live]))
                             .values(status=DeliveryStatus.SENDING, claimed_by=self.sender_id,
@@ -403,13 +415,15 @@ class _PostSender:
                 session.execute(update(Subscriber).where(Subscriber.id == item.subscriber_id,
                                                          Subscriber.status == Status.CONFIRMED)
                                 .values(status=Status.BOUNCED))
-            self.report.add_failure(f"{item.recipient}: {result.reply}")
-        self.report.sent += len(sent)
-        self.report.failed += len(failed)
-        self.report.resent += sum(1 for _, result in done if result.outcome is Outcome.UNKNOWN)
-        self.requeued += len(again)
-        if self.progress:
-            self.progress(len(sent) + len(failed))
+        with self.lock:
+            for item, result in failed:
+                self.report.add_failure(f"{item.recipient}: {result.reply}")
+            self.report.sent += len(sent)
+            self.report.failed += len(failed)
+            self.report.resent += sum(1 for _, result in done if result.outcome is Outcome.UNKNOWN)
+            self.requeued += len(again)
+            if self.progress:
+                self.progress(len(sent) + len(failed))
         return None
 
 

@@ -77,29 +77,49 @@ def _header(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("ascii")
 
 
-def _qp(text: str) -> bytes:
-    body = text.replace("\r\n", "\n").replace("\n", "\r\n")
-    if not body.endswith("\r\n"):
-        body += "\r\n"
-    return binascii.b2a_qp(body.encode("utf-8"), istext=True)
+def _qp_lines(text: str) -> list[tuple[bool, bytes | str]]:
+    """TEXT's lines quoted-printable encoded, except those holding the unsubscribe placeholder.
+
+    Quoted-printable works line by line, so a body is encoded once per post and only the lines with a
+    per-recipient link are encoded again for each message.
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    parts: list[tuple[bool, bytes | str]] = []
+    for line in lines:
+        if UNSUBSCRIBE_PLACEHOLDER in line:
+            parts.append((True, line))
+        elif parts and not parts[-1][0]:
+            parts[-1] = (False, parts[-1][1] + _qp_line(line))  # type: ignore[operator]
+        else:
+            parts.append((False, _qp_line(line)))
+    return parts
+
+
+def _qp_line(line: str) -> bytes:
+    return binascii.b2a_qp(line.encode("utf-8") + b"\r\n", istext=True)
+
+
+def _fill(parts: list[tuple[bool, bytes | str]], unsubscribe_url: str | None) -> bytes:
+    return b"".join(_qp_line(part.replace(UNSUBSCRIBE_PLACEHOLDER, unsubscribe_url or ""))  # type: ignore[union-attr]
+                    if per_recipient else part for per_recipient, part in parts)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
 class MessageTemplate:
-    """Headers and bodies of one email with the per-recipient parts left open."""
+    """Headers and encoded bodies of one email with the per-recipient parts left open."""
 
     sender: str
     domain: str
     head: bytes
-    text: str
-    html: str
+    text: list[tuple[bool, bytes | str]]
+    html: list[tuple[bool, bytes | str]]
     boundary: str
 
     def render(self, recipient: str, message_id: str, unsubscribe_url: str | None = None) -> bytes:
-        text, html, head = self.text, self.html, [self.head, _header("To", recipient), _header("Message-ID", message_id)]
+        head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
         if unsubscribe_url is not None:
-            text = text.replace(UNSUBSCRIBE_PLACEHOLDER, unsubscribe_url)
-            html = html.replace(UNSUBSCRIBE_PLACEHOLDER, unsubscribe_url)
             head += [_header("List-Unsubscribe", f"<{unsubscribe_url}>"),
                      b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"]
         b = self.boundary.encode()
@@ -107,9 +127,9 @@ class MessageTemplate:
             *head,
             b'Content-Type: multipart/alternative; boundary="', b, b'"\r\n\r\n',
             b"--", b, b'\r\nContent-Type: text/plain; charset="utf-8"\r\n'
-            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", _qp(text),
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", _fill(self.text, unsubscribe_url),
             b"--", b, b'\r\nContent-Type: text/html; charset="utf-8"\r\n'
-            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", _qp(html),
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", _fill(self.html, unsubscribe_url),
             b"--", b, b"--\r\n",
         ])
 
@@ -130,8 +150,8 @@ def message_template(config: Config, subject: str, text: str, html: str, extra_h
         sender=sender.addr_spec,
         domain=sender.domain,
         head=head + extra_headers,
-        text=text,
-        html=html,
+        text=_qp_lines(text),
+        html=_qp_lines(html),
         boundary="=_" + secrets.token_hex(12),
     )
 

@@ -8,13 +8,13 @@ from datetime import datetime, timedelta, timezone
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from flask import render_template
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .app import Newsletter
 from .messages import single_message
-from .models import Confirmation, OutboxMessage, Status, Subscriber, utcnow
+from .models import Confirmation, Delivery, OutboxMessage, Status, Subscriber, utcnow
 
 CONFIRM_RESEND_INTERVAL = timedelta(minutes=10)
 CONFIRMATIONS_PER_DAY = 3
@@ -204,7 +204,8 @@ def import_row(session: Session, row: dict[str, str]) -> bool:
 
 
 def remove(session: Session, subscriber: Subscriber) -> None:
-    """Delete the subscriber; their deliveries and queued emails go with them (ON DELETE CASCADE)."""
+    """Delete the subscriber with their deliveries; queued emails and throttle records go by ON DELETE CASCADE."""
+    session.execute(delete(Delivery).where(Delivery.subscriber_id == subscriber.id))
     session.delete(subscriber)
 
 

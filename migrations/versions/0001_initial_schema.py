@@ -62,13 +62,13 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('error', sa.String(length=1024), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=True),
-    sa.ForeignKeyConstraint(['post_id'], ['posts.id'], ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('post_id', 'subscriber_id', name='uq_deliveries_post_subscriber')
     )
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.create_index('ix_deliveries_status_post', ['status', 'post_id'], unique=False)
+        batch_op.create_index('ix_deliveries_pending', ['post_id', 'id'], unique=False,
+                              sqlite_where=sa.text("status = 'pending'"),
+                              postgresql_where=sa.text("status = 'pending'"))
         batch_op.create_index('ix_deliveries_subscriber', ['subscriber_id'], unique=False)
     op.create_table('outbox',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -96,7 +96,7 @@ def downgrade() -> None:
     op.drop_table('outbox')
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_index('ix_deliveries_subscriber')
-        batch_op.drop_index('ix_deliveries_status_post')
+        batch_op.drop_index('ix_deliveries_pending')
     op.drop_table('deliveries')
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
         batch_op.drop_index('ix_subscribers_status')
