@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import re
 import subprocess
+
+import pytest
 
 from aiosmtpd.controller import Controller
 from sqlalchemy import select
@@ -128,3 +132,30 @@ def test_a_second_sender_waits_its_turn_or_shares_the_work(run, nl, config_file,
     else:
         assert second.returncode == 0, second.stderr
     assert sorted(r for m in sink.messages for r in m.recipients) == readers
+
+
+def test_three_senders_at_once_share_the_work_on_postgresql(run, nl, config_file, feed, smtp_port) -> None:  # noqa: ANN001
+    if nl.engine.dialect.name != "postgresql":
+        pytest.skip("several concurrent senders need PostgreSQL (SQLite allows one; see the test above)")
+    readers = [f"r{i:04d}@example.com" for i in range(1500)]
+    csv = config_file.parent / "readers.csv"
+    csv.write_text("email\n" + "\n".join(readers) + "\n")
+    run("subscribers", "import", str(csv))
+    run("posts", "fetch")
+    publish(feed, "Three hands make light work", "three")
+    assert run("posts", "fetch").exit_code == 0
+    sink = Slow()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        senders = [subprocess.Popen(["newsletter", "--config", str(config_file), "send", "--no-fetch"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+        outputs = [sender.communicate(timeout=120)[0] for sender in senders]
+    finally:
+        controller.stop()
+    assert [sender.returncode for sender in senders] == [0, 0, 0], outputs
+    received = collections.Counter(r for m in sink.messages for r in m.recipients)
+    assert received == collections.Counter(readers)
+    sent_by_each = [int(re.search(r"(\d+) sent", output).group(1)) for output in outputs]
+    assert sum(sent_by_each) == 1500
+    assert sum(1 for n in sent_by_each if n) >= 2, sent_by_each
