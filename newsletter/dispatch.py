@@ -34,6 +34,8 @@ from .signing import load_signer
 RETRY_DELAYS = (1.0, 5.0)
 POLICY_REJECTION = re.compile(r"^5\d\d[ -]5\.7\.")
 MAX_LISTED_FAILURES = 20
+DELIVERIES = Delivery.__table__
+SUBSCRIBERS = Subscriber.__table__
 
 
 class SenderBusy(Exception):
@@ -352,23 +354,25 @@ class _PostSender:
     def _claim(self, session: Session, size: int) -> tuple[list[_Claimed], int]:
         """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`.
 
-        Returns the rows to send and how many of SIZE were not used for sending.
+        Returns the rows to send and how many of SIZE were not used for sending. Core statements on the
+        session's connection: this runs once per batch, and the ORM's bookkeeping would cost more than SQL.
         """
         cursor = self.cursor
         if cursor is None:
             return [], size
+        conn = session.connection()
         now = utcnow()
-        ids = (select(Delivery.id)
-               .where(Delivery.post_id == self.post.id, Delivery.status == DeliveryStatus.PENDING,
-                      Delivery.id > cursor)
-               .order_by(Delivery.id).limit(size))
-        if session.bind.dialect.name == "postgresql":
+        ids = (select(DELIVERIES.c.id)
+               .where(DELIVERIES.c.post_id == self.post.id, DELIVERIES.c.status == DeliveryStatus.PENDING,
+                      DELIVERIES.c.id > cursor)
+               .order_by(DELIVERIES.c.id).limit(size))
+        if conn.dialect.name == "postgresql":
             ids = ids.with_for_update(skip_locked=True)
-        rows = session.execute(
-            select(Delivery.id, Subscriber.id, Subscriber.email_ascii, Subscriber.status)
-            .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-            .where(Delivery.id.in_(ids.scalar_subquery()))
-            .order_by(Delivery.id)).all()
+        rows = conn.execute(
+            select(DELIVERIES.c.id, SUBSCRIBERS.c.id, SUBSCRIBERS.c.email_ascii, SUBSCRIBERS.c.status)
+            .join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
+            .where(DELIVERIES.c.id.in_(ids.scalar_subquery()))
+            .order_by(DELIVERIES.c.id)).all()
         with self.lock:
             if not rows:
                 self.cursor = None
@@ -378,16 +382,16 @@ class _PostSender:
         live = [row for row in rows if row[3] == Status.CONFIRMED]
         gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
         if gone:
-            session.execute(update(Delivery).where(Delivery.id.in_(gone))
-                            .values(status=DeliveryStatus.SKIPPED, updated_at=now))
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(gone))
+                         .values(status=DeliveryStatus.SKIPPED, updated_at=now))
             with self.lock:
                 self.report.skipped += len(gone)
                 if self.progress:
                     self.progress(len(gone))
         if live:
-            session.execute(update(Delivery).where(Delivery.id.in_([row[0] for row in live]))
-                            .values(status=DeliveryStatus.SENDING, claimed_by=self.sender_id,
-                                    attempts=Delivery.attempts + 1, updated_at=now))
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_([row[0] for row in live]))
+                         .values(status=DeliveryStatus.SENDING, claimed_by=self.sender_id,
+                                 attempts=DELIVERIES.c.attempts + 1, updated_at=now))
         return [_Claimed(row[0], row[1], row[2]) for row in live], size - len(live)
 
     def _record(self, done: list[tuple[_Claimed, Result]], session: Session | None = None) -> None:
@@ -395,26 +399,25 @@ class _PostSender:
         if session is None:
             with self.nl.sessions.begin() as own:
                 return self._record(done, own)
+        conn = session.connection()
         now = utcnow()
         sent = [item.delivery_id for item, result in done if result.outcome is Outcome.SENT]
         again = [{"d": item.delivery_id, "e": result.reply[:1024]}
                  for item, result in done if result.outcome in (Outcome.DEFERRED, Outcome.UNKNOWN)]
         failed = [(item, result) for item, result in done if result.outcome is Outcome.FAILED]
-        table = Delivery.__table__
         if sent:
-            session.execute(update(Delivery).where(Delivery.id.in_(sent))
-                            .values(status=DeliveryStatus.SENT, updated_at=now, error=None))
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(sent))
+                         .values(status=DeliveryStatus.SENT, updated_at=now, error=None))
         if again:
-            session.connection().execute(
-                update(table).where(table.c.id == bindparam("d"))
-                .values(status=DeliveryStatus.PENDING.value, error=bindparam("e"), updated_at=now), again)
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == bindparam("d"))
+                         .values(status=DeliveryStatus.PENDING, error=bindparam("e"), updated_at=now), again)
         for item, result in failed:
-            session.execute(update(Delivery).where(Delivery.id == item.delivery_id)
-                            .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now))
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == item.delivery_id)
+                         .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now))
             if result.stage == "rcpt" and not POLICY_REJECTION.match(result.reply):
-                session.execute(update(Subscriber).where(Subscriber.id == item.subscriber_id,
-                                                         Subscriber.status == Status.CONFIRMED)
-                                .values(status=Status.BOUNCED))
+                conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == item.subscriber_id,
+                                                       SUBSCRIBERS.c.status == Status.CONFIRMED)
+                             .values(status=Status.BOUNCED))
         with self.lock:
             for item, result in failed:
                 self.report.add_failure(f"{item.recipient}: {result.reply}")
