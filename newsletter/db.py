@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Insert, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,7 +28,10 @@ def make_engine(url: str) -> Engine:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
-            event.listen(engine, "begin", _sqlite_begin_immediate)
+            turns = _WriterTurns()
+            event.listen(engine, "begin", turns.begin)
+            event.listen(engine, "commit", turns.end)
+            event.listen(engine, "rollback", turns.end)
             return engine
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     except (ArgumentError, ImportError) as exc:
@@ -42,9 +48,29 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
 
 
-def _sqlite_begin_immediate(conn: object) -> None:
-    """Take SQLite's write lock when a transaction starts, so concurrent writers queue instead of failing."""
-    conn.exec_driver_sql("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+class _WriterTurns:
+    """SQLite has one writer at a time. Every transaction takes the write lock when it starts (BEGIN
+    IMMEDIATE), so concurrent writers queue instead of failing; the threads of this process queue on a
+    Python lock first, which hands over at once, where SQLite's own busy wait sleeps for milliseconds."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+    def begin(self, conn: object) -> None:
+        self.lock.acquire()
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def end(self, conn: object) -> None:
+        self.lock.release()
+
+
+def insert_for(conn: Connection | Engine) -> Callable[..., Insert]:
+    """The INSERT of CONN's dialect, which has ON CONFLICT."""
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -10,9 +10,9 @@ import time
 
 from limits.storage import Storage
 from sqlalchemy import Engine, case, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import db
 from .models import RateLimit
 
 SCHEME = "newsletter-db"
@@ -27,7 +27,6 @@ class DatabaseStorage(Storage):
         if engine is None:
             raise ValueError("DatabaseStorage needs the engine in storage_options")
         self.engine = engine
-        self.insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
     @property
     def base_exceptions(self) -> type[Exception]:
@@ -36,7 +35,7 @@ class DatabaseStorage(Storage):
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         now = time.time()
         fresh = RateLimit.expires_at <= now
-        statement = self.insert(RateLimit).values(key=key, count=amount, expires_at=now + expiry)
+        statement = db.insert_for(self.engine)(RateLimit).values(key=key, count=amount, expires_at=now + expiry)
         statement = statement.on_conflict_do_update(
             index_elements=[RateLimit.key],
             set_={"count": case((fresh, amount), else_=RateLimit.count + amount),

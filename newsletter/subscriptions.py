@@ -8,16 +8,20 @@ from datetime import datetime, timedelta, timezone
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from flask import render_template
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from . import db
 from .app import Newsletter
 from .messages import single_message
 from .models import Confirmation, Delivery, OutboxMessage, Status, Subscriber, utcnow
 
 CONFIRM_RESEND_INTERVAL = timedelta(minutes=10)
 CONFIRMATIONS_PER_DAY = 3
+SUBSCRIBERS = Subscriber.__table__
+CONFIRMATIONS = Confirmation.__table__
+OUTBOX = OutboxMessage.__table__
 MAX_ADDRESS_LENGTH = 254
 
 
@@ -83,19 +87,23 @@ def throttle_key(validated: ValidatedEmail) -> str:
     return f"{local}@{(validated.ascii_domain or validated.domain).lower()}"
 
 
-def _may_send_confirmation(session: Session, key: str) -> bool:
+def _may_send_confirmation(conn: Connection, key: str) -> bool:
     """At most CONFIRMATIONS_PER_DAY per address a day, spaced CONFIRM_RESEND_INTERVAL apart."""
-    if session.bind.dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
     now = utcnow()
-    recent = session.scalars(select(Confirmation.sent_at).where(Confirmation.throttle_key == key,
-                                                                Confirmation.sent_at > now - timedelta(days=1))).all()
+    recent = conn.scalars(select(CONFIRMATIONS.c.sent_at).where(
+        CONFIRMATIONS.c.throttle_key == key, CONFIRMATIONS.c.sent_at > now - timedelta(days=1))).all()
     return len(recent) < CONFIRMATIONS_PER_DAY and all(now - sent >= CONFIRM_RESEND_INTERVAL for sent in recent)
 
 
-def signups_in_last_hour(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Subscriber).where(
-        Subscriber.status == Status.UNCONFIRMED, Subscriber.subscribed_at > utcnow() - timedelta(hours=1))) or 0
+def signups_in_last_hour(conn: Session | Connection, at_most: int | None = None) -> int:
+    """Unconfirmed sign-ups of the last hour, counted up to AT_MOST when given."""
+    recent = select(SUBSCRIBERS.c.id).where(SUBSCRIBERS.c.status == Status.UNCONFIRMED,
+                                            SUBSCRIBERS.c.subscribed_at > utcnow() - timedelta(hours=1))
+    if at_most is not None:
+        recent = recent.limit(at_most)
+    return conn.scalar(select(func.count()).select_from(recent.subquery())) or 0
 
 
 def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester) -> None:
@@ -103,25 +111,37 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester) 
 
     When more sign-ups than [web] signup_ceiling arrived in the last hour, the email is stored but held
     until the rate falls again (a bot submitting many strangers' addresses cannot flood them).
+    Core statements on the session's connection: this is the hot path of the sign-up form.
     """
     validated = normalize(raw)
-    subscriber, _ = _get_or_create(session, validated, Status.UNCONFIRMED)
-    if subscriber.status in (Status.CONFIRMED, Status.BOUNCED):
+    conn = session.connection()
+    now = utcnow()
+    seen = {"status": Status.UNCONFIRMED, "subscribed_at": now, "subscribed_ip": _truncate(requester.ip, 64),
+            "subscribed_user_agent": _truncate(requester.user_agent, 512)}
+    key = email_key(validated)
+    subscriber_id = conn.scalar(
+        db.insert_for(conn)(SUBSCRIBERS)
+        .values(email=validated.normalized, email_key=key, email_ascii=validated.ascii_email or validated.normalized,
+                created_at=now, **seen)
+        .on_conflict_do_nothing(index_elements=[SUBSCRIBERS.c.email_key]).returning(SUBSCRIBERS.c.id))
+    if subscriber_id is None:
+        subscriber_id, status = conn.execute(select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.status)
+                                             .where(SUBSCRIBERS.c.email_key == key)).one()
+        if status in (Status.CONFIRMED, Status.BOUNCED):
+            return
+        conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(**seen))
+    throttle = throttle_key(validated)
+    if not _may_send_confirmation(conn, throttle):
         return
-    subscriber.status = Status.UNCONFIRMED
-    subscriber.subscribed_at = utcnow()
-    subscriber.subscribed_ip = _truncate(requester.ip, 64)
-    subscriber.subscribed_user_agent = _truncate(requester.user_agent, 512)
-    key = throttle_key(validated)
-    if not _may_send_confirmation(session, key):
-        return
-    subscriber.confirm_nonce = secrets.token_urlsafe(12)
-    subscriber.confirm_sent_at = utcnow()
-    session.flush()
-    session.add(Confirmation(throttle_key=key, subscriber_id=subscriber.id, sent_at=subscriber.confirm_sent_at))
-    held = signups_in_last_hour(session) > nl.config.web.signup_ceiling
-    queue_email(session, nl, subscriber, "confirmation", f"Confirm your subscription to {nl.config.site.name}",
-                held=held, confirm_url=nl.confirm_url(subscriber.id, subscriber.confirm_nonce),
+    nonce = secrets.token_urlsafe(12)
+    conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id)
+                 .values(confirm_nonce=nonce, confirm_sent_at=now))
+    conn.execute(insert(CONFIRMATIONS).values(throttle_key=throttle, subscriber_id=subscriber_id, sent_at=now))
+    ceiling = nl.config.web.signup_ceiling
+    queue_email(conn, nl, subscriber_id, validated.ascii_email or validated.normalized, "confirmation",
+                f"Confirm your subscription to {nl.config.site.name}",
+                held=signups_in_last_hour(conn, at_most=ceiling + 1) > ceiling,
+                confirm_url=nl.confirm_url(subscriber_id, nonce),
                 max_age_hours=nl.config.security.confirm_max_age_hours)
 
 
@@ -131,8 +151,8 @@ def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester:
     subscriber.confirmed_at = utcnow()
     subscriber.confirmed_ip = _truncate(requester.ip, 64)
     subscriber.confirmed_user_agent = _truncate(requester.user_agent, 512)
-    queue_email(session, nl, subscriber, "welcome", f"You're subscribed to {nl.config.site.name}",
-                unsubscribe_url=nl.unsubscribe_url(subscriber.id))
+    queue_email(session, nl, subscriber.id, subscriber.email_ascii, "welcome",
+                f"You're subscribed to {nl.config.site.name}", unsubscribe_url=nl.unsubscribe_url(subscriber.id))
 
 
 def unsubscribe(subscriber: Subscriber, requester: Requester) -> bool:
@@ -209,8 +229,10 @@ def remove(session: Session, subscriber: Subscriber) -> None:
     session.delete(subscriber)
 
 
-def queue_email(session: Session, nl: Newsletter, subscriber: Subscriber, kind: str, subject: str,
-                held: bool = False, **context: object) -> None:
-    message = single_message(nl.config, render_template, kind, subject, subscriber.email_ascii, **context)
-    session.add(OutboxMessage(subscriber_id=subscriber.id, kind=kind, sender=nl.config.from_address.addr_spec,
-                              recipient=subscriber.email_ascii, message=message, held=held))
+def queue_email(conn: Session | Connection, nl: Newsletter, subscriber_id: int, recipient: str, kind: str,
+                subject: str, held: bool = False, **context: object) -> None:
+    message = single_message(nl.config, render_template, kind, subject, recipient, **context)
+    now = utcnow()
+    conn.execute(insert(OUTBOX).values(subscriber_id=subscriber_id, kind=kind, sender=nl.config.from_address.addr_spec,
+                                       recipient=recipient, message=message, held=held, created_at=now,
+                                       next_attempt_at=now, attempts=0))
