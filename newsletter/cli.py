@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import sys
 import threading
 import time
@@ -258,10 +259,16 @@ def posts_add(state: State, title: str, url: str, summary: str) -> None:
     """
     from .messages import header_text
 
-    if not url.startswith(("https://", "http://")):
-        raise Failure(f"--url must be an http(s) URL, not {url!r}")
+    for name, value in (("--title", title), ("--url", url), ("--summary", summary)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Failure(f"{name} is not valid text in this terminal's encoding (UTF-8)") from None
+    if not url.startswith(("https://", "http://")) or len(url) > 2048 or re.search(r"[\x00-\x20\x7f]", url):
+        raise Failure(f"--url must be an http(s) URL of at most 2048 characters without spaces, not {url!r}")
     if not header_text(title):
         raise Failure("--title must not be empty")
+    summary = summary.replace("\x00", "")
     html = clean_html(summary, base_url=url) if "<" in summary else plain_to_html(summary)
     nl = state.newsletter()
     with nl.sessions.begin() as session:
@@ -317,7 +324,7 @@ def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None, re
     from . import dispatch
 
     nl = state.newsletter()
-    if to_address:
+    if to_address is not None:
         _send_test_copy(nl, to_address, dry_run)
         return
     if dry_run:
@@ -485,7 +492,7 @@ def subscribers_remove(state: State, email: str) -> None:
         except InvalidAddress as exc:
             raise Failure(f"{email!r}: {exc}") from None
         if sub is None:
-            raise Failure(f"no subscriber {email}")
+            raise Failure(f"no subscriber {email!r}")
         remove(session, sub)
         click.echo(f"removed {sub.email} and their data")
 

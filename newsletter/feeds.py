@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import re
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from .models import Post, utcnow
 from .sanitize import clean_html
 
 MAX_FEED_BYTES = 20 * 1024 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class FeedError(Exception):
@@ -46,9 +48,9 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
     base = parsed.feed.get("link") or source
     entries = []
     for item in parsed.entries:
-        link = item.get("link")
+        link = _CONTROL.sub("", item.get("link") or "")
         url = urljoin(base, link) if link else ""
-        guid = item.get("id") or url
+        guid = _CONTROL.sub("", item.get("id") or "") or url
         if not guid or not url:
             continue
         entries.append(Entry(

@@ -74,5 +74,6 @@ def html_to_text(fragment: str) -> str:
 
 def plain_to_html(text: str) -> str:
     """A hand-written summary given as plain text, as HTML paragraphs."""
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", text)
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return "".join(f"<p>{htmllib.escape(p)}</p>" for p in paragraphs)

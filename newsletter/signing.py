@@ -99,12 +99,13 @@ def load_signer(config: Config) -> Signer | None:
     domain = signing_domain(config)
     if not _DNS_NAME.match(domain) or "." not in domain:
         raise ConfigError(f"{where}: [dkim] domain must be a domain name like \"example.com\", not {domain!r}")
-    path = Path(key_file).expanduser()
+    path = Path(key_file)
     try:
+        path = path.expanduser()
         pem = path.read_bytes().replace(b"\r\n", b"\n")
-    except OSError as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r}: cannot read it "
-                          f"({exc.strerror or exc}); check the path and its permissions") from None
+                          f"({getattr(exc, 'strerror', None) or exc}); check the path and its permissions") from None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -19,6 +20,7 @@ from .models import Confirmation, Delivery, OutboxMessage, Status, Subscriber, u
 
 CONFIRM_RESEND_INTERVAL = timedelta(minutes=10)
 CONFIRMATIONS_PER_DAY = 3
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SUBSCRIBERS = Subscriber.__table__
 CONFIRMATIONS = Confirmation.__table__
 OUTBOX = OutboxMessage.__table__
@@ -78,7 +80,8 @@ def _get_or_create(session: Session, validated: ValidatedEmail, status: Status) 
 
 
 def _truncate(value: str | None, length: int) -> str | None:
-    return value[:length] if value else None
+    """VALUE cut to LENGTH, without control characters (NUL cannot be stored by PostgreSQL)."""
+    return _CONTROL.sub("", value)[:length] or None if value else None
 
 
 def throttle_key(validated: ValidatedEmail) -> str:
@@ -208,10 +211,11 @@ def import_row(session: Session, row: dict[str, str]) -> bool:
         if row.get(column):
             try:
                 parsed = datetime.fromisoformat(row[column])
-            except ValueError:
+                times[column] = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)) \
+                    .astimezone(timezone.utc)
+            except (ValueError, OverflowError):
                 raise ValueError(f"{column} {row[column]!r} is not a date and time like 2026-01-31T12:00:00+00:00") \
                     from None
-            times[column] = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
     subscriber, created = add(session, row.get("email", ""), status == Status.CONFIRMED.value, Requester.admin())
     if not created:
         return False

@@ -37,9 +37,11 @@ FRIENDLY = {
 
 def install_error_pages(app: Flask) -> None:
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[str, int]:
+    def http_error(exc: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
         title, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
-        return render_template("web/error.html", code=exc.code, title=title, message=message), exc.code or 500
+        headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
+        return render_template("web/error.html", code=exc.code, title=title, message=message), exc.code or 500, \
+            headers
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception) -> tuple[str, int]:
