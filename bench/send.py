@@ -8,7 +8,7 @@
 
 For each size and database: a fresh database (`newsletter db upgrade`), N confirmed subscribers made by one
 set-based INSERT, a feed baseline (`newsletter posts fetch` on a one-item local feed) and one post with a
-1,500-character summary (`newsletter posts add`; the email is then about 5.6 KB). The deliveries are
+800-character summary (`newsletter posts add`; the email is then about 4.1 KB). The deliveries are
 queued in this process with newsletter.dispatch.queue_posts (timed: that is the INSERT ... SELECT the
 engine runs at the start of a send), then `newsletter send --no-fetch` runs as a user would run it, as
 its own process, against smtp-sink on a free loopback port, with the default [smtp] connections.
@@ -490,8 +490,8 @@ def main() -> int:
                         help="gil: only the thread holding the GIL (where the CPU goes; default); "
                              "active: every thread that py-spy sees running; wall: every thread, waiting or not "
                              "(a thread's time waiting for a lock shows as the caller's own time)")
-    parser.add_argument("--summary-chars", type=int, default=1500,
-                        help="characters of plain text in the post's summary (default 1500)")
+    parser.add_argument("--summary-chars", type=int, default=800,
+                        help="characters of plain text in the post's summary (default 800: an email of about 4 KB)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a send is killed")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the send with py-spy into FILE (collapsed stacks) and print the top functions")
