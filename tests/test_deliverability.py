@@ -28,6 +28,7 @@ from newsletter.config import ConfigError, load_config
 from newsletter.signing import load_signer
 
 from .conftest import free_port, publish
+from .test_messages import raw_headers
 
 SELECTOR = "news2026"
 FROM_DOMAIN = "harbour-notes.example"
@@ -52,25 +53,13 @@ LIST_UNSUBSCRIBE = re.compile(rb"^<https://news\.example\.com/unsubscribe/[A-Za-
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
-def head_fields(raw: bytes) -> list[tuple[str, bytes]]:
-    """(name, value as on the wire, folds included) for each field of the top-level head."""
-    fields: list[tuple[str, bytes]] = []
-    for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] = (fields[-1][0], fields[-1][1] + b"\r\n" + line)
-        else:
-            name, _, value = line.partition(b":")
-            fields.append((name.decode("ascii"), value))
-    return fields
-
-
 def header_values(raw: bytes, name: str) -> list[bytes]:
-    return [value for field, value in head_fields(raw) if field.lower() == name.lower()]
+    return [value for field, value in raw_headers(raw) if field.lower() == name.lower()]
 
 
 def without_header(raw: bytes, name: str) -> bytes:
     head, body = raw.split(b"\r\n\r\n", 1)
-    kept = [f"{field}:".encode("ascii") + value for field, value in head_fields(raw) if field.lower() != name.lower()]
+    kept = [f"{field}:".encode("ascii") + value for field, value in raw_headers(raw) if field.lower() != name.lower()]
     assert len(kept) < len(head.split(b"\r\n")), name
     return b"\r\n".join(kept) + b"\r\n\r\n" + body
 
@@ -79,7 +68,7 @@ def html_only(raw: bytes) -> bytes:
     """The same message with its text/plain part dropped: a single text/html body."""
     msg = message_from_bytes(raw, policy=policy.default)
     html = msg.get_body(("html",))
-    head = b"".join(f"{field}:".encode("ascii") + value + b"\r\n" for field, value in head_fields(raw)
+    head = b"".join(f"{field}:".encode("ascii") + value + b"\r\n" for field, value in raw_headers(raw)
                     if field.lower() != "content-type")
     return (head + b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
             + html.get_payload(decode=False).encode("ascii"))
