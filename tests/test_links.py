@@ -38,6 +38,12 @@ def token_of(link: str) -> str:
     return link.rsplit("/", 1)[1]
 
 
+def _flip_signature(token: str) -> str:
+    """TOKEN with the first character of its signature changed (the last one can carry unused bits)."""
+    head, signature = token.rsplit(".", 1)
+    return f"{head}.{'B' if signature[0] == 'A' else 'A'}{signature[1:]}"
+
+
 def count(nl, model) -> int:  # noqa: ANN001
     with nl.sessions() as session:
         return session.scalar(select(func.count()).select_from(model))
@@ -60,12 +66,12 @@ def test_expired_confirmation_link(site, smtp) -> None:  # noqa: ANN001
     assert subscriber(site.nl, "reader@example.com").status == Status.UNCONFIRMED
 
 
-@pytest.mark.parametrize("damage", ["last-char", "cut-short", "other-purpose", "garbage"])
+@pytest.mark.parametrize("damage", ["one-char", "cut-short", "other-purpose", "garbage"])
 def test_tampered_confirmation_link(site, smtp, damage: str) -> None:  # noqa: ANN001
     link = signed_up(site, smtp)
     token = token_of(link)
     bad = {
-        "last-char": token[:-1] + ("A" if token[-1] != "A" else "B"),
+        "one-char": _flip_signature(token),
         "cut-short": token[: len(token) // 2],
         "other-purpose": site.nl.tokens.unsubscribe_token(1),
         "garbage": "not-a-token",

@@ -110,8 +110,12 @@ def test_unsubscribe_during_a_send_is_honoured(run, nl, site, feed, smtp_port) -
 
 def test_a_second_sender_waits_its_turn_or_shares_the_work(run, nl, config_file, feed, smtp_port) -> None:  # noqa: ANN001
     """SQLite refuses a second concurrent sender; PostgreSQL lets it help. Either way: one copy each."""
-    readers = [f"r{i:03d}@example.com" for i in range(150)]
-    setup_readers(run, feed, *readers)
+    readers = [f"r{i:03d}@example.com" for i in range(600)]  # a run of seconds, so the second one overlaps it
+    csv = config_file.parent / "readers.csv"
+    csv.write_text("email\n" + "\n".join(readers) + "\n")
+    run("subscribers", "import", str(csv))
+    run("posts", "fetch")
+    publish(feed, "Gale on Sunday", "gale")
     sink = Slow()
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
