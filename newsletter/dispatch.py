@@ -290,6 +290,8 @@ class _PostSender:
                 for thread in threads:
                     thread.join()
                 raise
+            if self.quota.left == 0 and _count(self.nl, self.post, DeliveryStatus.PENDING):
+                self.report.quota_reached = True
             if self.report.error or self.report.quota_reached or not self.requeued:
                 break
         self.report.deferred += _count(self.nl, self.post, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
@@ -335,9 +337,6 @@ class _PostSender:
                 with self.lock:
                     size = self.quota.take(self.nl.config.smtp.batch_size)
                 if not size:
-                    if self._pending_left(session):
-                        self.report.quota_reached = True
-                        self.stop.set()
                     return []
                 claimed, unused = self._claim(session, size)
                 with self.lock:
@@ -345,11 +344,6 @@ class _PostSender:
                 if claimed or self.cursor is None:
                     return claimed
             return []
-
-    def _pending_left(self, session: Session) -> bool:
-        return self.cursor is not None and session.scalar(
-            select(Delivery.id).where(Delivery.post_id == self.post.id, Delivery.status == DeliveryStatus.PENDING,
-                                      Delivery.id > self.cursor).limit(1)) is not None
 
     def _claim(self, session: Session, size: int) -> tuple[list[_Claimed], int]:
         """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`.
