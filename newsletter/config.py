@@ -54,7 +54,7 @@ class SMTPConfig:
     from_: str = "Example Blog <news@example.com>"
     timeout: int = 30
     connections: int = 4
-    batch_size: int = 50
+    batch_size: int = 100
     max_per_second: int = 0
     max_per_day: int = 0
 

@@ -360,13 +360,19 @@ class _PostSender:
                .where(DELIVERIES.c.post_id == self.post.id, DELIVERIES.c.status == DeliveryStatus.PENDING,
                       DELIVERIES.c.id > cursor)
                .order_by(DELIVERIES.c.id).limit(size))
+        sending = {"status": DeliveryStatus.SENDING, "claimed_by": self.sender_id,
+                   "attempts": DELIVERIES.c.attempts + 1, "updated_at": now}
+        columns = (DELIVERIES.c.id, SUBSCRIBERS.c.id, SUBSCRIBERS.c.email_ascii, SUBSCRIBERS.c.status)
         if conn.dialect.name == "postgresql":
             ids = ids.with_for_update(skip_locked=True)
-        rows = conn.execute(
-            select(DELIVERIES.c.id, SUBSCRIBERS.c.id, SUBSCRIBERS.c.email_ascii, SUBSCRIBERS.c.status)
-            .join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
-            .where(DELIVERIES.c.id.in_(ids.scalar_subquery()))
-            .order_by(DELIVERIES.c.id)).all()
+            rows = sorted(conn.execute(
+                update(DELIVERIES).values(**sending).returning(*columns)
+                .where(DELIVERIES.c.id.in_(ids.scalar_subquery()), SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)))
+        else:  # SQLite's RETURNING sees only the updated table
+            rows = conn.execute(select(*columns).join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
+                                .where(DELIVERIES.c.id.in_(ids.scalar_subquery())).order_by(DELIVERIES.c.id)).all()
+            if rows:
+                conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_([row[0] for row in rows])).values(**sending))
         with self.lock:
             if not rows:
                 self.cursor = None
@@ -377,15 +383,11 @@ class _PostSender:
         gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
         if gone:
             conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(gone))
-                         .values(status=DeliveryStatus.SKIPPED, updated_at=now))
+                         .values(status=DeliveryStatus.SKIPPED))
             with self.lock:
                 self.report.skipped += len(gone)
                 if self.progress:
                     self.progress(len(gone))
-        if live:
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_([row[0] for row in live]))
-                         .values(status=DeliveryStatus.SENDING, claimed_by=self.sender_id,
-                                 attempts=DELIVERIES.c.attempts + 1, updated_at=now))
         return [_Claimed(row[0], row[1], row[2]) for row in live], size - len(live)
 
     def _record(self, done: list[tuple[_Claimed, Result]], session: Session | None = None) -> None:
