@@ -96,22 +96,10 @@ class Config:
     def base_url(self) -> str:
         return self.site.base_url.rstrip("/")
 
-    def replace(self, **sections: dict[str, Any]) -> Config:
-        """A copy with some keys changed, e.g. ``replace(smtp={"port": 2525})``."""
-        changes = {
-            name: dataclasses.replace(getattr(self, name), **_field_names(values))
-            for name, values in sections.items()
-        }
-        return _validated(dataclasses.replace(self, **changes))
-
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("source", "demo")}
 SECURITY_CHOICES = ("none", "starttls", "tls")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _field_names(values: dict[str, Any]) -> dict[str, Any]:
-    return {("from_" if key == "from" else key): value for key, value in values.items()}
 
 
 def _toml_key(field_name: str) -> str:
