@@ -45,7 +45,6 @@ class SenderBusy(Exception):
 @dataclass
 class SendReport:
     posts: int = 0
-    total: int = 0
     sent: int = 0
     failed: int = 0
     skipped: int = 0
@@ -191,10 +190,8 @@ def send(nl: Newsletter, sender_id: int, progress: Progress | None = None,
     for post in posts:
         report.posts += 1
         template = notification_template(nl.config, render_template, post)
-        pending = _count(nl, post, DeliveryStatus.PENDING)
         if on_post:
-            on_post(post, pending)
-        report.total += pending
+            on_post(post, _count(nl, post, DeliveryStatus.PENDING))
         _PostSender(nl, sender_id, post, template, report, progress, quota, pace).run()
         if report.error or report.quota_reached:
             break

@@ -37,13 +37,12 @@ class OutboxReport:
     failed: int = 0
 
 
-def deliver_outbox(nl: Newsletter, connection: SMTPConnection | None = None) -> OutboxReport:
+def deliver_outbox(nl: Newsletter) -> OutboxReport:
     """Send every outbox message that is due; raises MailerError when the SMTP server cannot be used."""
     report = OutboxReport()
     sign = load_signer(nl.config)
     release_held(nl)
-    own = connection is None
-    connection = connection or smtp_connection(nl.config.smtp)
+    connection = smtp_connection(nl.config.smtp)
     try:
         while batch := _claim(nl):
             try:
@@ -54,8 +53,7 @@ def deliver_outbox(nl: Newsletter, connection: SMTPConnection | None = None) -> 
                 raise
             _record(nl, batch, results, report)
     finally:
-        if own:
-            connection.close()
+        connection.close()
     return report
 
 
