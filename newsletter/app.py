@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flask import Flask, current_app, g, request
-from flask.sessions import SecureCookieSessionInterface
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
+from flask import Flask, Request, current_app, g, request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 from jinja2 import ChoiceLoader, FileSystemLoader
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import db, ratelimit
+from . import db
 from .config import Config
+from .ratelimit import SignupLimit
 from .resources import resource_dir
 from .sanitize import html_to_text
 from .tokens import Tokens
 
+if TYPE_CHECKING:
+    from .signups import SignupLog
+
 
 csrf = CSRFProtect()
-# waitress drops X-Forwarded-* headers itself by default; ProxyFix ([web] trusted_proxies) decides instead.
-WAITRESS_OPTIONS = {"clear_untrusted_proxy_headers": False, "ident": "newsletter"}
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Newsletter:
     engine: Engine
     sessions: sessionmaker[Session]
     tokens: Tokens
+    signups: SignupLog
+    rendered: dict[str, str] = field(default_factory=dict)
 
     def confirm_url(self, subscriber_id: int, nonce: str) -> str:
         return f"{self.config.base_url}/confirm/{self.tokens.confirm_token(subscriber_id, nonce)}"
@@ -66,6 +69,8 @@ def create_app(config: Config, engine: Engine | None = None) -> Flask:
     app.jinja_env.filters["text"] = html_to_text
     app.jinja_env.globals["site"] = config.site
 
+    from .signups import SignupLog
+
     engine = engine or db.make_engine(config.database.url)
     app.extensions["newsletter"] = Newsletter(
         config=config,
@@ -73,16 +78,13 @@ def create_app(config: Config, engine: Engine | None = None) -> Flask:
         sessions=db.make_sessionmaker(engine),
         tokens=Tokens(config.security.secret_key_fallbacks + [config.security.secret_key or "demo"],
                       config.security.confirm_max_age_hours * 3600),
+        signups=SignupLog(engine, SignupLimit(config.web.rate_limit)),
     )
 
     from .web import demo, health, pages, subscribe, unsubscribe
 
     for module in (pages, subscribe, unsubscribe, health):
         app.register_blueprint(module.bp)
-    limiter = Limiter(get_remote_address, app=app, storage_uri=f"{ratelimit.SCHEME}://",
-                      storage_options={"engine": engine}, strategy="fixed-window")
-    app.view_functions["subscribe.submit"] = limiter.limit(config.web.rate_limit)(
-        app.view_functions["subscribe.submit"])
     if config.demo:
         app.register_blueprint(demo.bp)
     pages.install_error_pages(app)
@@ -91,9 +93,15 @@ def create_app(config: Config, engine: Engine | None = None) -> Flask:
 
 
 class _SessionInterface(SecureCookieSessionInterface):
-    """The session cookie (it only carries the CSRF secret) is Secure whenever the request came over HTTPS."""
+    """The session cookie only carries the CSRF secret, for the confirm and unsubscribe buttons."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if app.secret_key and "HTTP_COOKIE" not in request.environ:
+            return self.session_class()  # most requests carry no cookie: skip building the signer
+        return super().open_session(app, request)
 
     def get_cookie_secure(self, app: Flask) -> bool:
+        """Secure whenever the request came over HTTPS."""
         return request.is_secure
 
 

@@ -17,13 +17,14 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from . import db
-from .app import WAITRESS_OPTIONS, Newsletter, create_app
+from .app import Newsletter, create_app
 from .config import ConfigError, load_config
 from .dispatch import SendReport
 from .feeds import FeedError, new_entries, read_feed, record_entries
 from .signing import load_signer
 from .models import Post, Status, Subscriber, utcnow
 from .sanitize import clean_html, plain_to_html
+from .serving import CAN_FORK, default_processes
 from .subscriptions import (EXPORT_COLUMNS, InvalidAddress, Requester, add, export_row, find, import_row, normalize,
                             remove)
 
@@ -86,6 +87,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a warning for every request queued under load
 
 
 # ---- database -------------------------------------------------------------------------------------
@@ -126,73 +128,87 @@ def db_upgrade(state: State) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64), help="Request threads.")
-@click.option("--no-worker", is_flag=True, help="Do not deliver outbox mail here (run `newsletter worker`).")
+@click.option("--processes", type=click.IntRange(1, 64), default=default_processes(),
+              show_default="2 per CPU, at most 8",
+              help="Web processes sharing the port (1 where the system cannot fork).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Request threads per process (more threads in one process mostly wait for each other).")
+@click.option("--no-worker", is_flag=True,
+              help="Do not record sign-ups or deliver outbox mail here (run `newsletter worker`).")
 @pass_state
-def serve(state: State, host: str, port: int, threads: int, no_worker: bool) -> None:
-    """Run the subscribe pages with waitress, delivering confirmation mail in the background.
+def serve(state: State, host: str, port: int, processes: int, threads: int, no_worker: bool) -> None:
+    """Run the subscribe pages with waitress, recording sign-ups and delivering their mail in the background.
+
+    With more than one process, the web processes share the port and the worker runs in a process of its own.
 
     \b
     Example (behind a reverse proxy on the same host):
       $ newsletter serve --host 127.0.0.1 --port 8000
     """
-    run_site(state.app(), host, port, threads, worker=not no_worker)
+    run_site(state.app(), host, port, processes if CAN_FORK else 1, threads, worker=not no_worker)
 
 
-def run_site(app: Flask, host: str, port: int, threads: int, worker: bool = True,
+def run_site(app: Flask, host: str, port: int, processes: int, threads: int, worker: bool = True,
              before: Callable[[], None] | None = None) -> None:
     from waitress import serve as waitress_serve
+
+    from .serving import WAITRESS_OPTIONS, listen, serve_forked
+    from .worker import run_worker
 
     nl: Newsletter = app.extensions["newsletter"]
     if not nl.config.base_url.startswith("https://") and not nl.config.demo:
         click.echo(f"warning: [site] base_url {nl.config.base_url} is not https; links in emails will not be "
                    "encrypted", err=True)
-    stop = threading.Event()
-    if worker:
-        _start_worker(nl, stop)
-    click.echo(f"Serving {nl.config.site.name} on http://{host}:{port}/ (Ctrl-C to stop)")
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --host or --port") \
+            from None
+    click.echo(f"Serving {nl.config.site.name} on http://{host}:{port}/ "
+               f"({processes} web process{'es' if processes > 1 else ''}; Ctrl-C to stop)")
     if before:
         before()
+    stop = threading.Event()
+    if processes > 1:
+        serve_forked(app, sock, processes, threads, background=(lambda: run_worker(app, stop)) if worker else None,
+                     after_fork=lambda: nl.engine.dispose(close=False))
+        return
+    if worker:
+        threading.Thread(target=run_worker, args=(app, stop), name="worker", daemon=True).start()
     try:
-        waitress_serve(app, host=host, port=port, threads=threads, _quiet=True, **WAITRESS_OPTIONS)
+        waitress_serve(app, sockets=[sock], threads=threads, _quiet=True, **WAITRESS_OPTIONS)
     finally:
         stop.set()
 
 
-def _start_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> threading.Thread:
-    from .outbox import run_worker
-
-    thread = threading.Thread(target=run_worker, args=(nl, stop, interval), name="outbox", daemon=True)
-    thread.start()
-    return thread
-
-
 @cli.command()
-@click.option("--once", is_flag=True, help="Deliver what is due, then exit.")
+@click.option("--once", is_flag=True, help="Do what is due, then exit.")
 @pass_state
 def worker(state: State, once: bool) -> None:
-    """Deliver queued confirmation and welcome emails (when `serve --no-worker` runs the site).
+    """Record sign-ups and deliver confirmation and welcome emails (when `serve --no-worker` runs the site).
 
     \b
     Example:
       $ newsletter worker --once
-      outbox: 3 sent, 0 deferred, 0 failed
+      sign-ups: 3 recorded; outbox: 3 sent, 0 deferred, 0 failed
     """
     from .mailer import MailerError
-    from .outbox import deliver_outbox, run_worker
+    from .worker import run_worker, work_once
 
-    nl = state.newsletter()
+    app = state.app()
+    nl: Newsletter = app.extensions["newsletter"]
     if once:
         try:
-            report = deliver_outbox(nl)
+            recorded, report = work_once(nl)
         except MailerError as exc:
             raise Failure(f"SMTP server {nl.config.smtp.host}:{nl.config.smtp.port}: {exc}") from None
-        click.echo(f"outbox: {report.sent} sent, {report.deferred} deferred, {report.failed} failed")
+        click.echo(f"sign-ups: {recorded} recorded; "
+                   f"outbox: {report.sent} sent, {report.deferred} deferred, {report.failed} failed")
         return
     stop = threading.Event()
-    click.echo("Delivering outbox mail (Ctrl-C to stop)")
+    click.echo("Recording sign-ups and delivering outbox mail (Ctrl-C to stop)")
     try:
-        run_worker(nl, stop)
+        run_worker(app, stop)
     except KeyboardInterrupt:
         stop.set()
 
@@ -612,7 +628,7 @@ def stats(state: State) -> None:
     Example:
       $ newsletter stats
     """
-    from .models import OutboxMessage
+    from .models import OutboxMessage, Signup
     from .subscriptions import signups_in_last_hour
 
     nl = state.newsletter()
@@ -625,8 +641,10 @@ def stats(state: State) -> None:
         held = session.scalar(select(func.count()).select_from(OutboxMessage).where(
             OutboxMessage.held.is_(True))) or 0
         recent = signups_in_last_hour(session)
+        unrecorded = session.scalar(select(func.count()).select_from(Signup).where(Signup.processed_at.is_(None))) or 0
     click.echo("subscribers: " + ", ".join(f"{counts.get(s, 0)} {s.value}" for s in Status))
     click.echo(f"posts: {posts_total}, {waiting} not yet announced")
+    click.echo(f"sign-ups waiting for the worker: {unrecorded}")
     click.echo(f"outbox: {queued} queued, {held} held")
     ceiling = nl.config.web.signup_ceiling
     if recent > ceiling or held:
@@ -684,7 +702,8 @@ def demo(folder: str, port: int, smtp_port: int) -> None:
 """)
 
     try:
-        run_site(app, "127.0.0.1", port, threads=8, before=banner)
+        # one process: the demo page reads the mail catcher of this one
+        run_site(app, "127.0.0.1", port, processes=1, threads=8, before=banner)
     finally:
         catcher.stop()
 

@@ -128,6 +128,29 @@ class Delivery(Base):
     )
 
 
+class Signup(Base):
+    """A sign-up form the web accepted: the worker records the subscriber and queues the email, then marks it
+    processed. Kept as long as [web] rate_limit looks back, to count each client's sign-ups.
+
+    Times are time.time() floats: the form's handler binds them as they are.
+    """
+
+    __tablename__ = "signups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    ip: Mapped[str] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    received_at: Mapped[float] = mapped_column(Float)
+    processed_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        Index("ix_signups_ip_received_at", "ip", "received_at"),
+        Index("ix_signups_unprocessed", "id", sqlite_where=text("processed_at IS NULL"),
+              postgresql_where=text("processed_at IS NULL")),
+    )
+
+
 class OutboxMessage(Base):
     """A rendered one-off email (confirmation, welcome) waiting to be delivered by a sender."""
 
@@ -159,13 +182,3 @@ class Confirmation(Base):
     throttle_key: Mapped[str] = mapped_column(String(320), index=True)
     subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"), index=True)
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-class RateLimit(Base):
-    """Request counters for Flask-Limiter, shared by every web process through the database."""
-
-    __tablename__ = "rate_limits"
-
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    count: Mapped[int] = mapped_column(Integer)
-    expires_at: Mapped[float] = mapped_column(Float)

@@ -1,23 +1,18 @@
-"""Deliver the one-off emails (confirmation, welcome) that web requests leave in the outbox table."""
+"""Deliver the one-off emails (confirmation, welcome) waiting in the outbox table."""
 
 from __future__ import annotations
 
-import logging
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from . import ratelimit
 from .app import Newsletter
 from .config import SMTPConfig
 from .mailer import Envelope, MailerError, Outcome, SMTPConnection
 from .models import OutboxMessage, utcnow
 from .signing import load_signer
 from .subscriptions import signups_in_last_hour
-
-log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=5)
 RETRY_DELAYS = [timedelta(minutes=m) for m in (1, 5, 15, 30, 60, 120, 240)]
@@ -104,22 +99,3 @@ def _record(nl: Newsletter, batch: list[OutboxMessage], results: list, report: O
                 values = {"next_attempt_at": now + delay, "error": result.reply[:1024]}
                 report.deferred += 1
             session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id).values(**values))
-
-
-def run_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> None:
-    """Deliver the outbox until STOP is set, backing off while the SMTP server is unreachable."""
-    wait = interval
-    while not stop.is_set():
-        try:
-            ratelimit.purge_expired(nl.engine)
-            report = deliver_outbox(nl)
-            if report.sent or report.failed or report.deferred:
-                log.info("outbox: %d sent, %d deferred, %d failed", report.sent, report.deferred, report.failed)
-            wait = interval
-        except MailerError as exc:
-            log.warning("outbox: SMTP server unavailable (%s); retrying in %.0f s", exc, wait)
-            wait = min(wait * 2, 60.0)
-        except Exception:
-            log.exception("outbox: delivery failed; retrying in %.0f s", wait)
-            wait = min(wait * 2, 60.0)
-        stop.wait(wait)

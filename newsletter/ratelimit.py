@@ -1,77 +1,50 @@
-"""A storage backend for the `limits` library (used by Flask-Limiter) in the app's own database.
+"""[web] rate_limit: sign-ups per client address, counted in the sign-up log over sliding windows.
 
-Counters live in the `rate_limits` table, so every web process behind a load balancer shares them
-without another server to run.
+The `limits` library reads the limits ("10 per hour", "5/minute; 20/day"). The log is in the app's own
+database, so every web process, on one machine or several, shares the count without another server.
 """
 
 from __future__ import annotations
 
-import time
+from limits import parse_many
+from sqlalchemy import ColumnElement, Connection, Float, String, and_, bindparam, func, select
 
-from limits.storage import Storage
-from sqlalchemy import Engine, case, delete, select
-from sqlalchemy.exc import SQLAlchemyError
+from .models import Signup
 
-from . import db
-from .models import RateLimit
-
-SCHEME = "newsletter-db"
+SIGNUPS = Signup.__table__
 
 
-class DatabaseStorage(Storage):
-    STORAGE_SCHEME = [SCHEME]
+class SignupLimit:
+    """A client may sign up when, for every limit, fewer than its amount of the client's sign-ups arrived
+    within its window.
 
-    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, engine: Engine | None = None,
-                 **options: object) -> None:
-        super().__init__(uri, wrap_exceptions)
-        if engine is None:
-            raise ValueError("DatabaseStorage needs the engine in storage_options")
-        self.engine = engine
+    The count and the new sign-up are one statement. SQLite runs one at a time, so the limit is exact; on
+    PostgreSQL a client's requests that arrive at the same moment may each be counted without the others,
+    so a burst can get at most one sign-up more per web process.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.items = parse_many(spec)
 
     @property
-    def base_exceptions(self) -> type[Exception]:
-        return SQLAlchemyError
+    def longest(self) -> int:
+        """Seconds the log must look back."""
+        return max(item.get_expiry() for item in self.items)
 
-    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        now = time.time()
-        fresh = RateLimit.expires_at <= now
-        statement = db.insert_for(self.engine)(RateLimit).values(key=key, count=amount, expires_at=now + expiry)
-        statement = statement.on_conflict_do_update(
-            index_elements=[RateLimit.key],
-            set_={"count": case((fresh, amount), else_=RateLimit.count + amount),
-                  "expires_at": case((fresh, now + expiry), else_=RateLimit.expires_at)},
-        ).returning(RateLimit.count)
-        with self.engine.begin() as conn:
-            return int(conn.execute(statement).scalar_one())
+    def admits(self) -> ColumnElement[bool]:
+        """True when the client at bind parameter `ip` may sign up at `now`."""
+        ip, now = bindparam("ip", type_=String()), bindparam("now", type_=Float())
+        return and_(*(select(func.count()).where(SIGNUPS.c.ip == ip, SIGNUPS.c.received_at > now - item.get_expiry())
+                      .scalar_subquery() < item.amount for item in self.items))
 
-    def get(self, key: str) -> int:
-        with self.engine.connect() as conn:
-            count = conn.execute(select(RateLimit.count).where(RateLimit.key == key,
-                                                               RateLimit.expires_at > time.time())).scalar()
-        return int(count or 0)
-
-    def get_expiry(self, key: str) -> float:
-        with self.engine.connect() as conn:
-            expires = conn.execute(select(RateLimit.expires_at).where(RateLimit.key == key)).scalar()
-        return float(expires or time.time())
-
-    def check(self) -> bool:
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(select(1))
-            return True
-        except SQLAlchemyError:
-            return False
-
-    def reset(self) -> int | None:
-        with self.engine.begin() as conn:
-            return conn.execute(delete(RateLimit)).rowcount
-
-    def clear(self, key: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(delete(RateLimit).where(RateLimit.key == key))
-
-
-def purge_expired(engine: Engine) -> None:
-    with engine.begin() as conn:
-        conn.execute(delete(RateLimit).where(RateLimit.expires_at < time.time()))
+    def wait(self, conn: Connection, ip: str, now: float) -> float:
+        """Seconds until the client at IP may sign up again."""
+        wait = 0.0
+        for item in self.items:
+            window = item.get_expiry()
+            recent = (select(SIGNUPS.c.received_at).where(SIGNUPS.c.ip == ip, SIGNUPS.c.received_at > now - window)
+                      .order_by(SIGNUPS.c.received_at.desc()).limit(item.amount))
+            times = conn.scalars(recent).all()
+            if len(times) >= item.amount:
+                wait = max(wait, times[-1] + window - now)
+        return wait

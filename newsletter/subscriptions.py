@@ -79,7 +79,7 @@ def _get_or_create(session: Session, validated: ValidatedEmail, status: Status) 
     return subscriber, True
 
 
-def _truncate(value: str | None, length: int) -> str | None:
+def clean_field(value: str | None, length: int) -> str | None:
     """VALUE cut to LENGTH, without control characters (NUL cannot be stored by PostgreSQL)."""
     return _CONTROL.sub("", value)[:length] or None if value else None
 
@@ -109,18 +109,18 @@ def signups_in_last_hour(conn: Session | Connection, at_most: int | None = None)
     return conn.scalar(select(func.count()).select_from(recent.subquery())) or 0
 
 
-def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester) -> None:
-    """Record a sign-up and queue a confirmation email, within the per-address limits.
+def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, at: datetime | None = None) -> None:
+    """Record a sign-up made AT (default now) and queue a confirmation email, within the per-address limits.
 
     When more sign-ups than [web] signup_ceiling arrived in the last hour, the email is stored but held
     until the rate falls again (a bot submitting many strangers' addresses cannot flood them).
-    Core statements on the session's connection: this is the hot path of the sign-up form.
+    Core statements on the session's connection: the worker runs this for every sign-up.
     """
     validated = normalize(raw)
     conn = session.connection()
     now = utcnow()
-    seen = {"status": Status.UNCONFIRMED, "subscribed_at": now, "subscribed_ip": _truncate(requester.ip, 64),
-            "subscribed_user_agent": _truncate(requester.user_agent, 512)}
+    seen = {"status": Status.UNCONFIRMED, "subscribed_at": at or now, "subscribed_ip": clean_field(requester.ip, 64),
+            "subscribed_user_agent": clean_field(requester.user_agent, 512)}
     key = email_key(validated)
     subscriber_id = conn.scalar(
         db.insert_for(conn)(SUBSCRIBERS)
@@ -152,8 +152,8 @@ def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester:
     subscriber.status = Status.CONFIRMED
     subscriber.confirm_nonce = None
     subscriber.confirmed_at = utcnow()
-    subscriber.confirmed_ip = _truncate(requester.ip, 64)
-    subscriber.confirmed_user_agent = _truncate(requester.user_agent, 512)
+    subscriber.confirmed_ip = clean_field(requester.ip, 64)
+    subscriber.confirmed_user_agent = clean_field(requester.user_agent, 512)
     queue_email(session, nl, subscriber.id, subscriber.email_ascii, "welcome",
                 f"You're subscribed to {nl.config.site.name}", unsubscribe_url=nl.unsubscribe_url(subscriber.id))
 
@@ -165,8 +165,8 @@ def unsubscribe(subscriber: Subscriber, requester: Requester) -> bool:
     subscriber.status = Status.UNSUBSCRIBED
     subscriber.confirm_nonce = None
     subscriber.unsubscribed_at = utcnow()
-    subscriber.unsubscribed_ip = _truncate(requester.ip, 64)
-    subscriber.unsubscribed_user_agent = _truncate(requester.user_agent, 512)
+    subscriber.unsubscribed_ip = clean_field(requester.ip, 64)
+    subscriber.unsubscribed_user_agent = clean_field(requester.user_agent, 512)
     return True
 
 
@@ -223,7 +223,7 @@ def import_row(session: Session, row: dict[str, str]) -> bool:
     for column, value in times.items():
         setattr(subscriber, column, value)
     for column in _IPS:
-        setattr(subscriber, column, _truncate(row.get(column), 64))
+        setattr(subscriber, column, clean_field(row.get(column), 64))
     return True
 
 

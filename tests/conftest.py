@@ -23,10 +23,12 @@ from sqlalchemy import create_engine, text
 from waitress.server import create_server
 
 from newsletter import db
-from newsletter.app import WAITRESS_OPTIONS, Newsletter, create_app
+from newsletter.app import Newsletter, create_app
+from newsletter.serving import WAITRESS_OPTIONS
 from newsletter.cli import cli
 from newsletter.config import load_config
 from newsletter.outbox import deliver_outbox
+from newsletter.signups import process_signups
 
 FEEDS = Path(__file__).parent / "feeds"
 POSTGRES_URL = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL")
@@ -215,8 +217,15 @@ class Site:
     def subscribe(self, address: str) -> requests.Response:
         return self.post("/subscribe", data={"email": address})
 
-    def deliver_outbox(self) -> None:
+    def record_signups(self) -> int:
+        """The worker's first step: turn the logged sign-ups into subscribers and confirmation emails."""
         with self.app.app_context():
+            return process_signups(self.nl)
+
+    def deliver_outbox(self) -> None:
+        """The worker's pass: record the sign-ups, then send what is due."""
+        with self.app.app_context():
+            process_signups(self.nl)
             deliver_outbox(self.nl)
 
 

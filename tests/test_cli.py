@@ -124,7 +124,8 @@ def test_adding_something_that_is_not_an_address_fails(nl, config_file: Path) ->
 
 def test_remove_deletes_the_subscriber_their_deliveries_and_queued_mail(site, smtp, run: Run) -> None:  # noqa: ANN001
     for address in ("leaving@example.com", "staying@example.com"):
-        site.subscribe(address)  # each has a confirmation email waiting in the outbox
+        site.subscribe(address)
+        site.record_signups()  # each has a confirmation email waiting in the outbox
         run("subscribers", "add", address, "--confirmed")
     run("posts", "add", "--title", "Harbour works begin", "--url", "https://harbour-notes.example/works/")
     smtp.clear()
@@ -227,6 +228,7 @@ def second_install(config_file: Path, tmp_path: Path) -> Run:
 
 def test_export_prints_every_subscriber_with_consent(site, run: Run) -> None:  # noqa: ANN001
     site.subscribe("web@example.com")
+    site.record_signups()
     run("subscribers", "add", "hand@example.com", "--confirmed")
     run("subscribers", "add", "pending@example.com")
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, render_template, request
+from werkzeug.exceptions import TooManyRequests
 
 from ..app import csrf, newsletter, session
 from ..models import Status, Subscriber
-from ..subscriptions import InvalidAddress, confirm, subscribe
+from ..subscriptions import InvalidAddress, confirm, normalize
 from ..tokens import ExpiredToken, InvalidToken
 from . import requester
 from .pages import subscribe_form
@@ -18,22 +20,33 @@ bp = Blueprint("subscribe", __name__)
 
 @bp.post("/subscribe")
 def submit() -> tuple[str, int]:
-    """Every accepted form gets the same page, whether the address is new, known, or a bot's."""
+    """Every accepted form gets the same page, whether the address is new, known, or a bot's.
+
+    The sign-up is only stored here; the worker records the subscriber and queues the confirmation email.
+    """
     if not _origin_allowed():
         abort(403, "This form may only be posted from the blog's own pages.")
-    address = request.form.get("email", "")
     if "email" not in request.form:
         return subscribe_form(error="Please enter your email address."), 400
+    address = request.form["email"]
     if _looks_automated():
-        return render_template("web/check_inbox.html"), 200
-    db = session()
+        return _check_inbox()
     try:
-        subscribe(db, newsletter(), address, requester())
+        validated = normalize(address)
     except InvalidAddress as exc:
-        db.rollback()
         return subscribe_form(error=str(exc), email=address[:320]), 400
-    db.commit()
-    return render_template("web/check_inbox.html"), 200
+    wait = newsletter().signups.add(validated.normalized, requester())
+    if wait is not None:
+        raise TooManyRequests(retry_after=math.ceil(wait))
+    return _check_inbox()
+
+
+def _check_inbox() -> tuple[str, int]:
+    """The page every accepted form gets; it is the same for everyone, so each app renders it once."""
+    rendered = newsletter().rendered
+    if request.script_root not in rendered:
+        rendered[request.script_root] = render_template("web/check_inbox.html")
+    return rendered[request.script_root], 200
 
 
 def _origin_allowed() -> bool:

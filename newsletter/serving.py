@@ -1,0 +1,123 @@
+"""The HTTP server: waitress in this process, or in several processes that share one listening socket.
+
+CPython runs one thread of a process at a time, so a single process answers from one core, and its
+request threads spend much of their time handing that core to each other. Several processes, each with
+one request thread, use every core. The parent then only watches them: it forks the web processes (and
+BACKGROUND, such as the outbox worker, in a process of its own), starts again any that dies, and stops
+them all on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# waitress drops X-Forwarded-* headers itself by default; ProxyFix ([web] trusted_proxies) decides instead.
+WAITRESS_OPTIONS = {"clear_untrusted_proxy_headers": False, "ident": "newsletter"}
+CAN_FORK = hasattr(os, "fork")
+
+
+def default_processes() -> int:
+    """Two per core, at most 8: a request often waits for the database (SQLite's write lock, a round trip to
+    PostgreSQL), and another process can use the core meanwhile."""
+    return min(2 * (os.cpu_count() or 1), 8) if CAN_FORK else 1
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket for HOST:PORT (IPv4 or IPv6); raises OSError when it cannot be had."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+def serve_forked(app: Callable, sock: socket.socket, processes: int, threads: int,
+                 background: Callable[[], None] | None = None, after_fork: Callable[[], None] | None = None) -> None:
+    """Serve APP on SOCK from PROCESSES child processes until interrupted.
+
+    AFTER_FORK runs first in every child (for example to drop inherited database connections). Fork
+    before any thread starts: a child inherits only the forking thread, and locks held by others stay held.
+    """
+    from waitress import serve as waitress_serve
+
+    def web() -> None:
+        waitress_serve(app, sockets=[sock], threads=threads, _quiet=True, **WAITRESS_OPTIONS)
+
+    jobs: dict[str, Callable[[], None]] = {f"web process {n}": web for n in range(1, processes + 1)}
+    if background is not None:
+        jobs["worker process"] = background
+    children: dict[int, tuple[str, float]] = {}
+
+    def start(name: str) -> None:
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the children
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                threading.Thread(target=_exit_with, args=(parent,), name="orphan-check", daemon=True).start()
+                if after_fork:
+                    after_fork()
+                jobs[name]()
+            except BaseException:  # noqa: BLE001 - the parent reports the exit and starts another
+                log.exception("%s failed", name)
+                status = 1
+            finally:
+                os._exit(status)
+        children[pid] = (name, time.monotonic())
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    parent = os.getpid()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for name in jobs:
+            start(name)
+        while True:
+            pid, status = os.wait()
+            name, started = children.pop(pid)
+            log.warning("%s (pid %d) exited with status %d; starting another", name, pid,
+                        os.waitstatus_to_exitcode(status))
+            if time.monotonic() - started < 1.0:
+                time.sleep(1.0)  # it is failing at start: do not spin
+            start(name)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_children(list(children))
+
+
+def _exit_with(parent: int) -> None:
+    """End this child when the parent is gone (killed with SIGKILL, it could not stop its children)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _stop_children(pids: list[int], grace: float = 5.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.02)

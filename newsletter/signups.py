@@ -1,0 +1,77 @@
+"""The sign-up log. The form's handler only adds to it, with one statement that also applies [web]
+rate_limit; the worker turns each new sign-up into a subscriber and a confirmation email
+(subscriptions.subscribe)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, Float, String, bindparam, delete, insert, select, update
+
+from . import db
+from .app import Newsletter
+from .models import Signup
+from .ratelimit import SignupLimit
+from .subscriptions import InvalidAddress, Requester, clean_field, subscribe
+
+log = logging.getLogger(__name__)
+
+SIGNUPS = Signup.__table__
+
+
+class SignupLog:
+    """Adds the sign-ups the form accepts."""
+
+    def __init__(self, engine: Engine, limit: SignupLimit) -> None:
+        self.engine, self.limit = engine, limit
+        self._writes = db.HotPath(engine)
+        values = select(bindparam("email", type_=String()), bindparam("ip", type_=String()),
+                        bindparam("user_agent", type_=String()), bindparam("now", type_=Float()))
+        self._add = db.DriverStatement(engine, insert(SIGNUPS).from_select(
+            ["email", "ip", "user_agent", "received_at"], values.where(limit.admits())))
+
+    def add(self, address: str, requester: Requester) -> float | None:
+        """Add a sign-up for an address that passed subscriptions.normalize, within [web] rate_limit.
+
+        Returns None once the sign-up is committed; else, with nothing stored, the seconds until this
+        client may sign up again.
+        """
+        ip, now = clean_field(requester.ip, 64) or "", time.time()
+        values = {"email": address, "ip": ip, "now": now, "user_agent": clean_field(requester.user_agent, 512)}
+        if self._writes.execute(self._add, **values):
+            return None
+        with self.engine.connect() as conn:
+            return self.limit.wait(conn, ip, now)
+
+
+def process_signups(nl: Newsletter) -> int:
+    """Record every new sign-up, oldest first, one transaction each; returns how many.
+
+    Needs an app context (it renders emails). Several workers may run at once: on PostgreSQL each skips
+    the sign-ups another has locked, and on SQLite transactions take turns.
+    """
+    claim = select(SIGNUPS).where(SIGNUPS.c.processed_at.is_(None)).order_by(SIGNUPS.c.id).limit(1)
+    if nl.engine.dialect.name == "postgresql":
+        claim = claim.with_for_update(skip_locked=True)
+    done = 0
+    while True:
+        with nl.sessions.begin() as session:
+            signup = session.execute(claim).first()
+            if signup is None:
+                return done
+            try:
+                subscribe(session, nl, signup.email, Requester(signup.ip or None, signup.user_agent),
+                          at=datetime.fromtimestamp(signup.received_at, timezone.utc))
+            except InvalidAddress as exc:
+                log.warning("sign-up %d dropped: %s", signup.id, exc)
+            session.execute(update(SIGNUPS).where(SIGNUPS.c.id == signup.id).values(processed_at=time.time()))
+        done += 1
+
+
+def forget_old(nl: Newsletter) -> None:
+    """Delete processed sign-ups that [web] rate_limit no longer looks back at."""
+    with nl.engine.begin() as conn:
+        conn.execute(delete(SIGNUPS).where(SIGNUPS.c.processed_at.is_not(None),
+                                           SIGNUPS.c.received_at < time.time() - nl.signups.limit.longest))

@@ -1,0 +1,134 @@
+"""`newsletter serve` with several web processes: every sign-up is recorded and confirmed once, a web process
+that dies is replaced, and Ctrl-C or SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+from sqlalchemy import func, select, text
+
+from newsletter.models import Signup
+from newsletter.signups import forget_old, process_signups
+
+from .conftest import POSTGRES_URL, free_port, wait_for
+
+
+@pytest.fixture
+def extra_config() -> str:
+    return '[web]\nrate_limit = "1000 per hour"\nsignup_ceiling = 1000\n'
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in found.split()]
+
+
+def answering(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def server(config_file: Path, app) -> Iterator[tuple[subprocess.Popen, int]]:  # noqa: ANN001
+    port = free_port()
+    proc = subprocess.Popen(["newsletter", "--config", str(config_file), "serve", "--port", str(port),
+                             "--processes", "2", "--threads", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: answering(port), timeout=30)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def test_two_web_processes_record_every_signup_once(server, smtp) -> None:  # noqa: ANN001
+    proc, port = server
+    assert len(children(proc.pid)) == 3  # two web processes and the worker
+    readers = [f"reader{i}@example.com" for i in range(40)]
+    answers: list[int] = []
+    barrier = threading.Barrier(len(readers))
+
+    def sign_up(address: str) -> None:
+        barrier.wait()
+        answers.append(requests.post(f"http://127.0.0.1:{port}/subscribe", data={"email": address},
+                                     timeout=30).status_code)
+
+    threads = [threading.Thread(target=sign_up, args=(address,)) for address in readers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [200] * len(readers)
+    wait_for(lambda: len(smtp.messages) >= len(readers), timeout=30)
+    assert Counter(m.recipients[0] for m in smtp.messages) == Counter(readers)
+
+
+def test_a_web_process_that_dies_is_replaced(server) -> None:  # noqa: ANN001
+    proc, port = server
+    before = children(proc.pid)
+    os.kill(before[0], signal.SIGKILL)
+    wait_for(lambda: len(children(proc.pid)) == 3 and before[0] not in children(proc.pid), timeout=20)
+    assert all(answering(port) for _ in range(10))
+
+
+def test_web_processes_end_when_the_server_is_killed(server) -> None:  # noqa: ANN001
+    proc, port = server
+    workers = children(proc.pid)
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10)
+    assert not answering(port)
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_every_process(server, how: signal.Signals) -> None:  # noqa: ANN001
+    proc, port = server
+    workers = children(proc.pid)
+    proc.send_signal(how)
+    output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in output
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not answering(port)
+
+
+def test_old_processed_signups_are_forgotten_but_new_ones_never(site, nl, app, run) -> None:  # noqa: ANN001
+    for i in range(3):
+        assert site.subscribe(f"reader{i}@example.com").status_code == 200
+    assert "sign-ups waiting for the worker: 3" in run("stats").output
+    with nl.engine.begin() as conn:  # two of them arrived two hours ago, before the window of the rate limit
+        conn.execute(Signup.__table__.update().where(Signup.id <= 2).values(received_at=Signup.received_at - 7200))
+    with app.app_context():
+        forget_old(nl)
+        assert count_log(nl) == 3  # not yet recorded: kept whatever their age
+        assert process_signups(nl) == 3
+        forget_old(nl)
+    assert count_log(nl) == 1
+    assert "sign-ups waiting for the worker: 0" in run("stats").output
+
+
+def count_log(nl) -> int:  # noqa: ANN001
+    with nl.sessions() as session:
+        return session.scalar(select(func.count()).select_from(Signup))
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="a server that drops connections: PostgreSQL")
+def test_a_sign_up_survives_the_database_dropping_its_connection(site, nl) -> None:  # noqa: ANN001
+    assert site.subscribe("before@example.com").status_code == 200
+    with nl.engine.connect() as conn:  # as a restart of the database server does
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+    assert site.subscribe("after@example.com").status_code == 200
+    assert count_log(nl) == 2
