@@ -9,6 +9,7 @@ them all on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -75,6 +76,7 @@ def serve_forked(app: Callable, sock: socket.socket, processes: int, threads: in
         raise KeyboardInterrupt
 
     parent = os.getpid()
+    gc.freeze()  # what the parent built stays shared with the children, and their collector skips it
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         for name in jobs:
