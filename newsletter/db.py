@@ -108,13 +108,11 @@ class HotPath:
         return self._run(statement, params)
 
     def _run(self, statement: DriverStatement, params: dict[str, object]) -> int:
-        if self._turns is None:
-            with closing(self._connection().cursor()) as cursor:
-                return statement.execute(cursor, **params).rowcount
+        turn = self._turns.lock if self._turns is not None else nullcontext()
         pause, deadline = 0.0001, time.monotonic() + BUSY_TIMEOUT
         while True:
             try:
-                with self._turns.lock, closing(self._connection().cursor()) as cursor:
+                with turn, closing(self._connection().cursor()) as cursor:
                     return statement.execute(cursor, **params).rowcount
             except self.engine.dialect.loaded_dbapi.OperationalError as exc:
                 if getattr(exc, "sqlite_errorcode", None) != SQLITE_BUSY or time.monotonic() > deadline:
