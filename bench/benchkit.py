@@ -34,6 +34,7 @@ class BenchError(Exception):
 
 # ---- cleanup --------------------------------------------------------------------------------------
 
+
 def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -45,7 +46,7 @@ def install_cleanup() -> None:
     atexit.register(cleanup)
 
 
-def on_cleanup(func) -> None:  # noqa: ANN001
+def on_cleanup(func) -> None:
     """Run FUNC at exit (last registered runs first)."""
     _cleanups.append(func)
 
@@ -57,11 +58,11 @@ def cleanup() -> None:
         func = _cleanups.pop()
         try:
             func()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             print(f"cleanup: {exc}", file=sys.stderr)
 
 
-def start(args: list[str], **kwargs) -> subprocess.Popen:  # noqa: ANN003
+def start(args: list[str], **kwargs) -> subprocess.Popen:
     """Start a child process that cleanup() stops."""
     try:
         proc = subprocess.Popen(args, **kwargs)
@@ -97,6 +98,7 @@ def temp_dir(prefix: str) -> Path:
 
 
 # ---- environment ----------------------------------------------------------------------------------
+
 
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for the app's commands: this checkout first on PYTHONPATH, whatever copy of the
@@ -142,17 +144,20 @@ def _apt_install(packages: list[str], preseed: str = "") -> str | None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     print(f"installing {' '.join(packages)} with apt-get ...", file=sys.stderr, flush=True)
     if preseed:
-        done = subprocess.run([*prefix, "debconf-set-selections"], input=preseed, text=True,
-                              capture_output=True, env=env)
+        done = subprocess.run(
+            [*prefix, "debconf-set-selections"], input=preseed, text=True, capture_output=True, env=env
+        )
         if done.returncode != 0:
             return f"debconf-set-selections failed: {done.stderr.strip()[-300:]}"
-    done = subprocess.run([*prefix, "apt-get", "install", "-y", "-qq", *packages], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(
+        [*prefix, "apt-get", "install", "-y", "-qq", *packages], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
         update = subprocess.run([*prefix, "apt-get", "update", "-qq"], capture_output=True, text=True, env=env)
         if update.returncode == 0:
-            done = subprocess.run([*prefix, "apt-get", "install", "-y", "-qq", *packages], capture_output=True,
-                                  text=True, env=env)
+            done = subprocess.run(
+                [*prefix, "apt-get", "install", "-y", "-qq", *packages], capture_output=True, text=True, env=env
+            )
     if done.returncode != 0:
         return f"apt-get install {' '.join(packages)} failed: {(done.stderr or done.stdout).strip()[-400:]}"
     return None
@@ -160,6 +165,7 @@ def _apt_install(packages: list[str], preseed: str = "") -> str | None:
 
 def need_tool(path_or_name: str, package: str, purpose: str, preseed: str = "") -> str:
     """The path of a command, installing its Debian package if missing; BenchError if impossible."""
+
     def find() -> str | None:
         if os.sep in path_or_name:
             return path_or_name if os.access(path_or_name, os.X_OK) else None
@@ -172,9 +178,11 @@ def need_tool(path_or_name: str, package: str, purpose: str, preseed: str = "") 
     found = find()
     if found:
         return found
-    raise BenchError(f"{path_or_name} ({purpose}) is missing and could not be installed: "
-                     f"{problem or 'package installed but the command is still not there'}. "
-                     f"Install the Debian package '{package}' (or the tool by other means) and run again.")
+    raise BenchError(
+        f"{path_or_name} ({purpose}) is missing and could not be installed: "
+        f"{problem or 'package installed but the command is still not there'}. "
+        f"Install the Debian package '{package}' (or the tool by other means) and run again."
+    )
 
 
 def smtp_tools() -> tuple[str, str]:
@@ -186,8 +194,10 @@ def smtp_tools() -> tuple[str, str]:
 
 def postgres_bindir() -> Path:
     def find() -> Path | None:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                       key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+        found = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+            key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        )
         if found:
             return Path(found[-1]).parent
         initdb = shutil.which("initdb")
@@ -200,9 +210,11 @@ def postgres_bindir() -> Path:
     bindir = find()
     if bindir:
         return bindir
-    raise BenchError("PostgreSQL server binaries (initdb, pg_ctl) are missing and could not be installed: "
-                     f"{problem or 'not found after installing'}. Install the Debian package 'postgresql' "
-                     "or run with --database sqlite.")
+    raise BenchError(
+        "PostgreSQL server binaries (initdb, pg_ctl) are missing and could not be installed: "
+        f"{problem or 'not found after installing'}. Install the Debian package 'postgresql' "
+        "or run with --database sqlite."
+    )
 
 
 def need_python(module: str, requirement: str) -> None:
@@ -213,14 +225,19 @@ def need_python(module: str, requirement: str) -> None:
     except ImportError:
         pass
     print(f"installing {requirement} with pip ...", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           requirement], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement],
+        capture_output=True,
+        text=True,
+    )
     importlib.invalidate_caches()
     try:
         importlib.import_module(module)
     except ImportError:
-        raise BenchError(f"Python package {requirement} is missing and pip could not install it: "
-                         f"{(done.stderr or done.stdout).strip()[-400:]}") from None
+        raise BenchError(
+            f"Python package {requirement} is missing and pip could not install it: "
+            f"{(done.stderr or done.stdout).strip()[-400:]}"
+        ) from None
 
 
 def _find_script() -> str | None:
@@ -245,8 +262,11 @@ def newsletter_command() -> list[str]:
         problem = "the `newsletter` command is not installed"
     if problem:
         print(f"{problem}: installing this project (pip install -e {ROOT}) ...", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                               "-e", str(ROOT)], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", str(ROOT)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise BenchError(f"cannot install the project: {(done.stderr or done.stdout).strip()[-400:]}")
         importlib.invalidate_caches()
@@ -258,16 +278,23 @@ def newsletter_command() -> list[str]:
     script = _find_script()
     if script is None:
         raise BenchError("the `newsletter` command is not on PATH even after pip install -e; check the PATH")
-    check = subprocess.run([sys.executable, "-c", "import newsletter; print(newsletter.__file__)"],
-                           capture_output=True, text=True, env=child_env())
+    check = subprocess.run(
+        [sys.executable, "-c", "import newsletter; print(newsletter.__file__)"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
     where = Path(check.stdout.strip()).resolve().parent if check.returncode == 0 else None
     if where != ROOT / "newsletter":
-        raise BenchError(f"the app's commands would not run this checkout's code (they import {where}); "
-                         f"check PYTHONPATH or install the project with pip install -e {ROOT}")
+        raise BenchError(
+            f"the app's commands would not run this checkout's code (they import {where}); "
+            f"check PYTHONPATH or install the project with pip install -e {ROOT}"
+        )
     return [script]
 
 
 # ---- PostgreSQL -----------------------------------------------------------------------------------
+
 
 class PostgresCluster:
     """A throwaway PostgreSQL cluster on a free loopback port, removed on exit."""
@@ -293,17 +320,31 @@ class PostgresCluster:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
-                raise BenchError("running as root needs the 'postgres' user to run the PostgreSQL server "
-                                 "(it comes with the Debian package postgresql)") from None
+                raise BenchError(
+                    "running as root needs the 'postgres' user to run the PostgreSQL server "
+                    "(it comes with the Debian package postgresql)"
+                ) from None
             self.user = "postgres"
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         on_cleanup(self.stop)
         data = self.dir / "data"
-        self._run([str(self.bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                   "--no-sync", "-E", "UTF8"])
-        done = self._run([str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "start",
-                          "-o", f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off "
-                                f"-c max_connections=100"], check=False)
+        self._run(
+            [str(self.bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]
+        )
+        done = self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(self.dir / "log"),
+                "-w",
+                "start",
+                "-o",
+                f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            ],
+            check=False,
+        )
         self.started = True  # stop() is harmless if it did not start
         if done.returncode != 0:
             log = (self.dir / "log").read_text(errors="replace") if (self.dir / "log").exists() else ""
@@ -311,8 +352,9 @@ class PostgresCluster:
 
     def stop(self) -> None:
         if self.started:
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop"],
-                      check=False)
+            self._run(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop"], check=False
+            )
             self.started = False
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -340,14 +382,22 @@ class PostgresCluster:
 
 # ---- configuration --------------------------------------------------------------------------------
 
-def write_config(path: Path, database_url: str, smtp_port: int, feed: Path | str = "",
-                 extra_smtp: dict[str, int] | None = None, secret: str = "") -> Path:
+
+def write_config(
+    path: Path,
+    database_url: str,
+    smtp_port: int,
+    feed: Path | str = "",
+    extra_smtp: dict[str, int] | None = None,
+    secret: str = "",
+) -> Path:
     """A config as a user would write it: local SMTP without TLS, everything else at its default."""
     import secrets
 
     secret = secret or secrets.token_urlsafe(32)
     smtp_lines = "".join(f"{key} = {value}\n" for key, value in (extra_smtp or {}).items())
-    path.write_text(f"""[site]
+    path.write_text(
+        f"""[site]
 name = "Bench Blog"
 base_url = "https://news.bench.example"
 feed_url = "{feed}"
@@ -363,19 +413,23 @@ host = "127.0.0.1"
 port = {smtp_port}
 security = "none"
 from = "Bench Blog <news@bench.example>"
-{smtp_lines}""", encoding="utf-8")
+{smtp_lines}""",
+        encoding="utf-8",
+    )
     return path
 
 
 def run_checked(args: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
     done = subprocess.run(args, capture_output=True, text=True, env=env or child_env(), timeout=timeout)
     if done.returncode != 0:
-        raise BenchError(f"{what} failed (exit {done.returncode}): "
-                         f"{(done.stderr.strip() or done.stdout.strip())[-800:]}")
+        raise BenchError(
+            f"{what} failed (exit {done.returncode}): {(done.stderr.strip() or done.stdout.strip())[-800:]}"
+        )
     return done.stdout
 
 
 # ---- profiles -------------------------------------------------------------------------------------
+
 
 def find_pyspy() -> str:
     candidates = [Path(sys.executable).parent / "py-spy", shutil.which("py-spy")]
@@ -383,8 +437,11 @@ def find_pyspy() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
     print("installing py-spy with pip ...", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           "py-spy"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "py-spy"],
+        capture_output=True,
+        text=True,
+    )
     for candidate in [Path(sys.executable).parent / "py-spy", shutil.which("py-spy")]:
         if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
@@ -410,10 +467,16 @@ def summarize_profile(path: Path, mode: str, top: int = 25) -> str:
             inclusive[frame] += samples
     if not total:
         return "no samples"
-    what = {"gil": "of the thread holding the GIL", "active": "of running (non-idle) threads",
-            "wall": "of all threads, idle or not"}[mode]
-    lines = [f"{total} samples {what}", "",
-             "own time (leaf frames; C calls count in the Python function calling them):"]
+    what = {
+        "gil": "of the thread holding the GIL",
+        "active": "of running (non-idle) threads",
+        "wall": "of all threads, idle or not",
+    }[mode]
+    lines = [
+        f"{total} samples {what}",
+        "",
+        "own time (leaf frames; C calls count in the Python function calling them):",
+    ]
     lines += [f"  {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(top)]
     lines += ["", "inclusive time:"]
     lines += [f"  {100 * c / total:5.1f}%  {name}" for name, c in inclusive.most_common(top)]
@@ -427,5 +490,5 @@ def short_frame(frame: str) -> str:
     name, where = match.groups()
     where = re.sub(r"^.*/(site-packages|lib/python3\.\d+)/", "", where)
     if where.startswith(str(ROOT) + "/"):
-        where = where[len(str(ROOT)) + 1:]
+        where = where[len(str(ROOT)) + 1 :]
     return f"{name} ({where})"

@@ -35,13 +35,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchkit  # noqa: E402
-from benchkit import BenchError, child_env, run_checked, start, stop_process  # noqa: E402
+import benchkit
+from benchkit import BenchError, child_env, run_checked, start, stop_process
 
 SUMMARY = re.compile(r"(\d+) post\(s\): (\d+) sent, (\d+) failed, (\d+) skipped, (\d+) left for the next run")
 SENDER = "news@bench.example"
@@ -112,6 +112,7 @@ def log(message: str) -> None:
 
 # ---- smtp-sink ------------------------------------------------------------------------------------
 
+
 class Sink:
     """smtp-sink on a free loopback port, counting messages (-c) into a file."""
 
@@ -159,6 +160,7 @@ class Sink:
 
 # ---- one run --------------------------------------------------------------------------------------
 
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -169,23 +171,42 @@ class Bench:
         if args.profile:
             self.pyspy = benchkit.find_pyspy()
 
-    def _smtp_source(self, result: Run, folder: Path, sample: Path, connections: int, label: str,
-                     when: str) -> None:
+    def _smtp_source(self, result: Run, folder: Path, sample: Path, connections: int, label: str, when: str) -> None:
         """smtp-source sends the sample message over CONNECTIONS persistent sessions to a fresh smtp-sink."""
         sink = Sink(self.sink_bin, folder, f"source-{when}")
         count = result.source_messages
-        log(f"{label}: smtp-source {when} the send: -s {connections} -m {count:,} "
-            f"({result.message_bytes:,} bytes each)")
+        log(
+            f"{label}: smtp-source {when} the send: -s {connections} -m {count:,} ({result.message_bytes:,} bytes each)"
+        )
         started = time.perf_counter()
-        done = subprocess.run([self.source_bin, "-s", str(connections), "-m", str(count), "-F", str(sample),
-                               "-f", SENDER, "-t", "reader@example.com", "-N", "-d", f"127.0.0.1:{sink.port}"],
-                              capture_output=True, text=True, timeout=self.args.timeout)
+        done = subprocess.run(
+            [
+                self.source_bin,
+                "-s",
+                str(connections),
+                "-m",
+                str(count),
+                "-F",
+                str(sample),
+                "-f",
+                SENDER,
+                "-t",
+                "reader@example.com",
+                "-N",
+                "-d",
+                f"127.0.0.1:{sink.port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.args.timeout,
+        )
         seconds = time.perf_counter() - started
         counted = sink.settled_count(count)
         sink.stop()
         if done.returncode != 0 or counted != count:
-            raise BenchError(f"smtp-source exit {done.returncode}, sink counted {counted} of {count}: "
-                             f"{done.stderr.strip()[-400:]}")
+            raise BenchError(
+                f"smtp-source exit {done.returncode}, sink counted {counted} of {count}: {done.stderr.strip()[-400:]}"
+            )
         result.source_rates.append(count / seconds)
         log(f"{label}: smtp-source {count / seconds:,.0f}/s")
 
@@ -211,7 +232,7 @@ class Bench:
             if database == "postgresql" and self.pg is not None:
                 try:
                     self.pg.drop_database(pg_name)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log(f"could not drop {pg_name}: {exc}")
             shutil.rmtree(folder, ignore_errors=True)
         return result
@@ -220,8 +241,11 @@ class Bench:
         n = result.n
         feed = folder / "feed.xml"
         feed.write_text(FEED, encoding="utf-8")
-        extra = {key: value for key, value in (("connections", self.args.connections),
-                                                ("batch_size", self.args.batch_size)) if value}
+        extra = {
+            key: value
+            for key, value in (("connections", self.args.connections), ("batch_size", self.args.batch_size))
+            if value
+        }
         secret = secrets.token_urlsafe(32)
         config = benchkit.write_config(folder / "config.toml", url, 25, feed, extra, secret)
         newsletter = [*self.cmd, "--config", str(config)]
@@ -233,9 +257,20 @@ class Bench:
         took = insert_subscribers(url, n)
         log(f"{label}: subscribers inserted in {took:.1f} s; posts fetch + posts add")
         run_checked([*newsletter, "posts", "fetch"], "newsletter posts fetch")
-        run_checked([*newsletter, "posts", "add", "--title", "Harbour news: the pontoons are in",
-                     "--url", "https://blog.bench.example/2025/04/pontoons/",
-                     "--summary", post_summary(self.args.summary_chars)], "newsletter posts add")
+        run_checked(
+            [
+                *newsletter,
+                "posts",
+                "add",
+                "--title",
+                "Harbour news: the pontoons are in",
+                "--url",
+                "https://blog.bench.example/2025/04/pontoons/",
+                "--summary",
+                post_summary(self.args.summary_chars),
+            ],
+            "newsletter posts add",
+        )
 
         sample = folder / "sample.eml"
         message = render_sample(newsletter)
@@ -247,22 +282,20 @@ class Bench:
         result.base_rss_mb = peak_rss([*newsletter, "send", "--dry-run", "--no-fetch"], "newsletter send --dry-run")
 
         from newsletter import dispatch
-        from newsletter.app import create_app
         from newsletter.config import load_config
+        from newsletter.runtime import Newsletter
 
         app_config = load_config(config, environ={})
         connections = app_config.smtp.connections
         limits = {k: v for k, v in vars(app_config.smtp).items() if k.startswith("max_per") and v}
         if limits:
             result.notes.append(f"rate limits in effect: {limits}")
-        app = create_app(app_config)
-        nl = app.extensions["newsletter"]
+        nl = Newsletter(app_config)
         try:
-            with app.app_context():
-                log(f"{label}: queue_posts (the INSERT ... SELECT of {n:,} deliveries)")
-                started = time.perf_counter()
-                posts = dispatch.queue_posts(nl)
-                result.enqueue_s = time.perf_counter() - started
+            log(f"{label}: queue_posts (the INSERT ... SELECT of {n:,} deliveries)")
+            started = time.perf_counter()
+            posts = dispatch.queue_posts(nl)
+            result.enqueue_s = time.perf_counter() - started
             queued = count_deliveries(nl)
         finally:
             nl.engine.dispose()
@@ -276,15 +309,28 @@ class Bench:
 
         sink = Sink(self.sink_bin, folder, "send")
         benchkit.write_config(config, url, sink.port, feed, extra, secret)
-        log(f"{label}: newsletter send --no-fetch ({connections} connections, batch size "
-            f"{app_config.smtp.batch_size}, sink on port {sink.port})")
+        log(
+            f"{label}: newsletter send --no-fetch ({connections} connections, batch size "
+            f"{app_config.smtp.batch_size}, sink on port {sink.port})"
+        )
         out_path, err_path = folder / "send.out", folder / "send.err"
         command = [*newsletter, "send", "--no-fetch"]
         if self.pyspy:
             result.profiled = True
-            command = [self.pyspy, "record", "--format", "raw", "--nolineno", "--rate", "200",
-                       *{"gil": ["--gil"], "wall": ["--idle"]}.get(self.args.profile_mode, []),
-                       "--output", str(Path(self.args.profile).resolve()), "--", *command]
+            command = [
+                self.pyspy,
+                "record",
+                "--format",
+                "raw",
+                "--nolineno",
+                "--rate",
+                "200",
+                *{"gil": ["--gil"], "wall": ["--idle"]}.get(self.args.profile_mode, []),
+                "--output",
+                str(Path(self.args.profile).resolve()),
+                "--",
+                *command,
+            ]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             started = time.perf_counter()
             proc = start(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env())
@@ -305,8 +351,10 @@ class Bench:
         errors = err_path.read_text(errors="replace")
         if proc.returncode != 0:
             hint = " (killed after --timeout)" if proc.returncode < 0 else ""
-            raise BenchError(f"newsletter send exited with status {proc.returncode}{hint}: "
-                             f"{(errors.strip() or output.strip())[-800:]}")
+            raise BenchError(
+                f"newsletter send exited with status {proc.returncode}{hint}: "
+                f"{(errors.strip() or output.strip())[-800:]}"
+            )
         match = SUMMARY.search(output)
         if not match:
             raise BenchError(f"newsletter send printed no summary line: {output.strip()[-400:]!r}")
@@ -315,10 +363,14 @@ class Bench:
             if "queue" in line.lower() and not self.pyspy:
                 result.notes.append(f"send said: {line.strip()}")
         if result.sink_count != n or result.summary_sent != n:
-            raise BenchError(f"expected {n} messages; the sink counted {result.sink_count} and the command "
-                             f"reported {result.summary_sent} sent ({match.group(0)})")
-        log(f"{label}: sent {n:,} in {result.send_s:.1f} s ({result.send_rate:,.0f}/s), "
-            f"peak RSS {result.peak_rss_mb:.1f} MB")
+            raise BenchError(
+                f"expected {n} messages; the sink counted {result.sink_count} and the command "
+                f"reported {result.summary_sent} sent ({match.group(0)})"
+            )
+        log(
+            f"{label}: sent {n:,} in {result.send_s:.1f} s ({result.send_rate:,.0f}/s), "
+            f"peak RSS {result.peak_rss_mb:.1f} MB"
+        )
 
         self._smtp_source(result, folder, sample, connections, label, "after")
 
@@ -334,8 +386,9 @@ def peak_rss(command: list[str], what: str) -> float:
         benchkit.forget(proc)
         if proc.returncode != 0:
             err.seek(0)
-            raise BenchError(f"{what} exited with status {proc.returncode}: "
-                             f"{err.read().decode(errors='replace').strip()[-400:]}")
+            raise BenchError(
+                f"{what} exited with status {proc.returncode}: {err.read().decode(errors='replace').strip()[-400:]}"
+            )
     return usage.ru_maxrss / 1024
 
 
@@ -347,20 +400,26 @@ def insert_subscribers(url: str, n: int) -> float:
     from newsletter.models import UTCDateTime
 
     engine = make_engine(url)
-    columns = ("email, email_key, email_ascii, status, created_at, subscribed_at, subscribed_user_agent, "
-               "confirmed_at, confirmed_user_agent")
-    values = ("'Reader' || n || '@example.com', 'reader' || n || '@example.com', 'Reader' || n || '@example.com', "
-              "'confirmed', :now, :now, 'newsletter command line', :now, 'newsletter command line'")
+    columns = (
+        "email, email_key, email_ascii, status, created_at, subscribed_at, subscribed_user_agent, "
+        "confirmed_at, confirmed_user_agent"
+    )
+    values = (
+        "'Reader' || n || '@example.com', 'reader' || n || '@example.com', 'Reader' || n || '@example.com', "
+        "'confirmed', :now, :now, 'newsletter command line', :now, 'newsletter command line'"
+    )
     if engine.dialect.name == "sqlite":
-        sql = (f"INSERT INTO subscribers ({columns}) WITH RECURSIVE seq(n) AS "
-               f"(SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :n) SELECT {values} FROM seq")
+        sql = (
+            f"INSERT INTO subscribers ({columns}) WITH RECURSIVE seq(n) AS "
+            f"(SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :n) SELECT {values} FROM seq"
+        )
     else:
         sql = f"INSERT INTO subscribers ({columns}) SELECT {values} FROM generate_series(1, :n) AS n"
     statement = text(sql).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("n"))
     started = time.perf_counter()
     try:
         with engine.begin() as conn:
-            conn.execute(statement, {"n": n, "now": datetime.now(timezone.utc)})
+            conn.execute(statement, {"n": n, "now": datetime.now(UTC)})
             if engine.dialect.name == "postgresql":
                 conn.execute(text("ANALYZE subscribers"))
             count = conn.execute(text("SELECT count(*) FROM subscribers WHERE status = 'confirmed'")).scalar()
@@ -371,7 +430,7 @@ def insert_subscribers(url: str, n: int) -> float:
     return time.perf_counter() - started
 
 
-def count_deliveries(nl) -> int:  # noqa: ANN001
+def count_deliveries(nl) -> int:
     from sqlalchemy import func, select
 
     from newsletter.models import Delivery
@@ -387,7 +446,7 @@ def render_sample(newsletter: list[str]) -> bytes:
     caught: list[bytes] = []
 
     class Catcher:
-        async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201
+        async def handle_DATA(self, server, session, envelope):
             caught.append(envelope.original_content)
             return "250 OK"
 
@@ -395,8 +454,11 @@ def render_sample(newsletter: list[str]) -> bytes:
     controller = Controller(Catcher(), hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        run_checked([*newsletter, "send", "--to", "reader1@example.com"], "newsletter send --to",
-                    env=child_env(NEWSLETTER_SMTP__PORT=str(port)))
+        run_checked(
+            [*newsletter, "send", "--to", "reader1@example.com"],
+            "newsletter send --to",
+            env=child_env(NEWSLETTER_SMTP__PORT=str(port)),
+        )
     finally:
         controller.stop()
     if len(caught) != 1:
@@ -409,25 +471,37 @@ def render_sample(newsletter: list[str]) -> bytes:
 
 # ---- report ---------------------------------------------------------------------------------------
 
+
 def report(runs: list[Run]) -> None:
     print()
-    header = (f"{'database':<10} {'N':>9} {'enqueue s':>9} {'send s':>8} {'send msg/s':>10} "
-              f"{'source msg/s':>12} {'ratio':>6} {'peak RSS MB':>11} {'send CPU s':>10} {'base RSS MB':>11}")
+    header = (
+        f"{'database':<10} {'N':>9} {'enqueue s':>9} {'send s':>8} {'send msg/s':>10} "
+        f"{'source msg/s':>12} {'ratio':>6} {'peak RSS MB':>11} {'send CPU s':>10} {'base RSS MB':>11}"
+    )
     print(header)
     print("-" * len(header))
     for r in runs:
         flag = "  (profiled)" if r.profiled else ""
-        print(f"{r.database:<10} {r.n:>9,} {r.enqueue_s:>9.2f} {r.send_s:>8.1f} {r.send_rate:>10,.0f} "
-              f"{r.source_rate:>12,.0f} {r.ratio:>6.2f} {r.peak_rss_mb:>11.1f} {r.send_cpu_s:>10.1f} "
-              f"{r.base_rss_mb:>11.1f}{flag}")
+        print(
+            f"{r.database:<10} {r.n:>9,} {r.enqueue_s:>9.2f} {r.send_s:>8.1f} {r.send_rate:>10,.0f} "
+            f"{r.source_rate:>12,.0f} {r.ratio:>6.2f} {r.peak_rss_mb:>11.1f} {r.send_cpu_s:>10.1f} "
+            f"{r.base_rss_mb:>11.1f}{flag}"
+        )
     sizes = sorted({r.message_bytes for r in runs})
     size = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}-{sizes[-1]:,}"
-    print(f"\nmessage size {size} bytes; the sink and the command's summary both counted N for every send; "
-          f"smtp-source used the same connections (-s) over persistent sessions (-d)")
-    print("source msg/s: mean of smtp-source just before and just after the send ("
-          + "; ".join(f"{r.database} {r.n:,}: {' / '.join(f'{x:,.0f}' for x in r.source_rates)}" for r in runs) + ")")
-    print("send CPU s: user + system CPU of the send process; base RSS MB: peak RSS of `newsletter send --dry-run` "
-          "on the same database (start-up footprint)")
+    print(
+        f"\nmessage size {size} bytes; the sink and the command's summary both counted N for every send; "
+        f"smtp-source used the same connections (-s) over persistent sessions (-d)"
+    )
+    print(
+        "source msg/s: mean of smtp-source just before and just after the send ("
+        + "; ".join(f"{r.database} {r.n:,}: {' / '.join(f'{x:,.0f}' for x in r.source_rates)}" for r in runs)
+        + ")"
+    )
+    print(
+        "send CPU s: user + system CPU of the send process; base RSS MB: peak RSS of `newsletter send --dry-run` "
+        "on the same database (start-up footprint)"
+    )
     notes = sorted({note for r in runs for note in r.notes})
     for note in notes:
         print(f"note: {note}")
@@ -443,8 +517,10 @@ def report(runs: list[Run]) -> None:
             send_us = statistics.median(r.send_s / r.n for r in group) * 1e6
             enq_us = statistics.median(r.enqueue_s / r.n for r in group) * 1e6
             rss = statistics.median(r.peak_rss_mb for r in group)
-            print(f"  {database:<10} N={n:>9,}: send {send_us:7.1f} µs/message, enqueue {enq_us:6.2f} µs/row, "
-                  f"peak RSS {rss:6.1f} MB")
+            print(
+                f"  {database:<10} N={n:>9,}: send {send_us:7.1f} µs/message, enqueue {enq_us:6.2f} µs/row, "
+                f"peak RSS {rss:6.1f} MB"
+            )
         if len(by_size) > 1:
             small, large = min(by_size), max(by_size)
             rss_small = statistics.median(r.peak_rss_mb for r in by_size[small])
@@ -462,39 +538,62 @@ def report(runs: list[Run]) -> None:
         million = [r for r in group if r.n >= 1_000_000]
         small = [r for r in group if r.n <= 10_000]
         for r in million:
-            print(f"  {database} N={r.n:,}: enqueue {r.enqueue_s:.1f} s (target < 10 s): "
-                  f"{'ok' if r.enqueue_s < 10 else 'MISSED'}")
-            print(f"  {database} N={r.n:,}: peak RSS {r.peak_rss_mb:.1f} MB (target < 100 MB): "
-                  f"{'ok' if r.peak_rss_mb < 100 else 'MISSED'}")
+            print(
+                f"  {database} N={r.n:,}: enqueue {r.enqueue_s:.1f} s (target < 10 s): "
+                f"{'ok' if r.enqueue_s < 10 else 'MISSED'}"
+            )
+            print(
+                f"  {database} N={r.n:,}: peak RSS {r.peak_rss_mb:.1f} MB (target < 100 MB): "
+                f"{'ok' if r.peak_rss_mb < 100 else 'MISSED'}"
+            )
         if million and small:
-            ratio = (statistics.median(r.peak_rss_mb for r in million)
-                     / statistics.median(r.peak_rss_mb for r in small))
-            print(f"  {database}: peak RSS 1M / 10k = {ratio:.2f}x (target <= 1.25x): "
-                  f"{'ok' if ratio <= 1.25 else 'MISSED'}")
+            ratio = statistics.median(r.peak_rss_mb for r in million) / statistics.median(r.peak_rss_mb for r in small)
+            print(
+                f"  {database}: peak RSS 1M / 10k = {ratio:.2f}x (target <= 1.25x): "
+                f"{'ok' if ratio <= 1.25 else 'MISSED'}"
+            )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--subscribers", type=int, metavar="N", help="one size (same as --sizes N)")
     parser.add_argument("--sizes", default="100000", help="comma-separated subscriber counts (default 100000)")
     parser.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each size and database (default 1)")
-    parser.add_argument("--connections", type=int, default=0,
-                        help="[smtp] connections to set (default: leave the app's default)")
-    parser.add_argument("--batch-size", type=int, default=0,
-                        help="[smtp] batch_size to set (default: leave the app's default)")
-    parser.add_argument("--source-cap", type=int, default=200_000,
-                        help="most messages smtp-source sends; its rate is per message (default 200000)")
-    parser.add_argument("--profile-mode", choices=("gil", "active", "wall"), default="gil",
-                        help="gil: only the thread holding the GIL (where the CPU goes; default); "
-                             "active: every thread that py-spy sees running; wall: every thread, waiting or not "
-                             "(a thread's time waiting for a lock shows as the caller's own time)")
-    parser.add_argument("--summary-chars", type=int, default=800,
-                        help="characters of plain text in the post's summary (default 800: an email of about 4 KB)")
+    parser.add_argument(
+        "--connections", type=int, default=0, help="[smtp] connections to set (default: leave the app's default)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="[smtp] batch_size to set (default: leave the app's default)"
+    )
+    parser.add_argument(
+        "--source-cap",
+        type=int,
+        default=200_000,
+        help="most messages smtp-source sends; its rate is per message (default 200000)",
+    )
+    parser.add_argument(
+        "--profile-mode",
+        choices=("gil", "active", "wall"),
+        default="gil",
+        help="gil: only the thread holding the GIL (where the CPU goes; default); "
+        "active: every thread that py-spy sees running; wall: every thread, waiting or not "
+        "(a thread's time waiting for a lock shows as the caller's own time)",
+    )
+    parser.add_argument(
+        "--summary-chars",
+        type=int,
+        default=800,
+        help="characters of plain text in the post's summary (default 800: an email of about 4 KB)",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a send is killed")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="record the send with py-spy into FILE (collapsed stacks) and print the top functions")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the send with py-spy into FILE (collapsed stacks) and print the top functions",
+    )
     args = parser.parse_args()
     try:
         sizes = [args.subscribers] if args.subscribers else [int(s.replace("_", "")) for s in args.sizes.split(",")]

@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchkit  # noqa: E402
-from benchkit import BenchError, child_env, run_checked, start  # noqa: E402
+import benchkit
+from benchkit import BenchError, child_env, run_checked, start
 
 WRK_SCRIPT = r"""
 -- One unique address per request (run prefix, wrk thread, counter) and, in the clients mode, one unique
@@ -119,8 +119,10 @@ else:
     serve(app, sockets=[sock], threads=threads, _quiet=True, **WAITRESS_OPTIONS)
 """
 
-MODES = {"clients": "many clients behind one trusted proxy ([web] trusted_proxies = 1), default rate limit",
-         "shipped": "the app's defaults, every request from one client"}
+MODES = {
+    "clients": "many clients behind one trusted proxy ([web] trusted_proxies = 1), default rate limit",
+    "shipped": "the app's defaults, every request from one client",
+}
 
 
 @dataclass
@@ -146,10 +148,32 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run_wrk(wrk: str, script: Path, url: str, args: argparse.Namespace, seconds: float, prefix: str, run: int,
-            mode: str, target: str) -> WrkResult:
-    command = [wrk, f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{seconds:g}s", "--timeout", "10s",
-               "-s", str(script), url, "--", prefix, str(run), mode]
+def run_wrk(
+    wrk: str,
+    script: Path,
+    url: str,
+    args: argparse.Namespace,
+    seconds: float,
+    prefix: str,
+    run: int,
+    mode: str,
+    target: str,
+) -> WrkResult:
+    command = [
+        wrk,
+        f"-t{args.wrk_threads}",
+        f"-c{args.connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        prefix,
+        str(run),
+        mode,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise BenchError(f"wrk failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-400:]}")
@@ -183,25 +207,27 @@ def count(url: str, table: str, column: str, prefix: str) -> int:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(text(f"SELECT count(*) FROM {table} WHERE {column} LIKE :p"),
-                                {"p": f"{prefix}-%"}).scalar() or 0
+            return (
+                conn.execute(
+                    text(f"SELECT count(*) FROM {table} WHERE {column} LIKE :p"), {"p": f"{prefix}-%"}
+                ).scalar()
+                or 0
+            )
     finally:
         engine.dispose()
 
 
 def drain(config: Path) -> tuple[int, float]:
     """Run the worker's sign-up step on everything logged; returns (sign-ups recorded, seconds)."""
-    from newsletter.app import create_app
     from newsletter.config import load_config
+    from newsletter.runtime import Newsletter
     from newsletter.signups import process_signups
 
-    app = create_app(load_config(config))
-    nl = app.extensions["newsletter"]
+    nl = Newsletter(load_config(config))
     try:
-        with app.app_context():
-            started = time.perf_counter()
-            recorded = process_signups(nl)
-            return recorded, time.perf_counter() - started
+        started = time.perf_counter()
+        recorded = process_signups(nl)
+        return recorded, time.perf_counter() - started
     finally:
         nl.engine.dispose()
 
@@ -218,10 +244,27 @@ class Site:
         run_checked([*cmd, "--config", str(self.config), "db", "upgrade"], "newsletter db upgrade")
         self.port = benchkit.free_port()
         self.log = open(folder / f"{name}.log", "wb")
-        self.proc = start([*cmd, "--config", str(self.config), "serve", "--no-worker", "--host", "127.0.0.1",
-                           "--port", str(self.port), "--processes", str(args.processes),
-                           "--threads", str(args.threads)],
-                          stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env())
+        self.proc = start(
+            [
+                *cmd,
+                "--config",
+                str(self.config),
+                "serve",
+                "--no-worker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--processes",
+                str(args.processes),
+                "--threads",
+                str(args.threads),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
+        )
         benchkit.wait_for_port(self.port, self.proc, what="newsletter serve")
 
     def stop(self) -> None:
@@ -231,36 +274,55 @@ class Site:
 
 def serve_defaults() -> tuple[int, int]:
     """`newsletter serve`'s default --processes and --threads."""
-    from newsletter.cli import serve
+    from newsletter.cli.site import serve
 
     defaults = {param.name: param.default for param in serve.params}
     return int(defaults["processes"]), int(defaults["threads"])
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=10, help="seconds of each measured wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (default 2)")
-    parser.add_argument("--processes", type=int, default=0,
-                        help="web processes of both servers (default: `newsletter serve`'s default)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="waitress threads per process of both servers (default: `newsletter serve`'s default)")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="web processes of both servers (default: `newsletter serve`'s default)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="waitress threads per process of both servers (default: `newsletter serve`'s default)",
+    )
     parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up per server (default 2)")
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per server, alternating (default 3)")
-    parser.add_argument("--mode", choices=(*MODES, "both"), default="both",
-                        help="clients (judged), shipped, or both (default)")
+    parser.add_argument(
+        "--mode", choices=(*MODES, "both"), default="both", help="clients (judged), shipped, or both (default)"
+    )
     parser.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="both")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="sample `newsletter serve` (all its processes) with py-spy during the first measured "
-                             "run of the first case into FILE (collapsed stacks) and print the top functions")
-    parser.add_argument("--profile-mode", choices=("gil", "active", "wall"), default="gil",
-                        help="gil: only the thread holding the GIL (default); active: running threads; "
-                             "wall: every thread, waiting or not")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample `newsletter serve` (all its processes) with py-spy during the first measured "
+        "run of the first case into FILE (collapsed stacks) and print the top functions",
+    )
+    parser.add_argument(
+        "--profile-mode",
+        choices=("gil", "active", "wall"),
+        default="gil",
+        help="gil: only the thread holding the GIL (default); active: running threads; "
+        "wall: every thread, waiting or not",
+    )
     args = parser.parse_args()
-    if args.duration <= 0 or args.connections < 1 or not 1 <= args.repeat <= 50 or args.processes < 0 \
-            or args.threads < 0:
+    if (
+        args.duration <= 0
+        or args.connections < 1
+        or not 1 <= args.repeat <= 50
+        or args.processes < 0
+        or args.threads < 0
+    ):
         parser.error("--duration, --connections and --repeat (at most 50) must be positive")
 
     benchkit.install_cleanup()
@@ -290,8 +352,13 @@ def run(args: argparse.Namespace) -> int:
 
     ping_port = benchkit.free_port()
     ping_log = open(folder / "ping.log", "wb")
-    ping = start([sys.executable, str(ping_app), str(ping_port), str(args.processes), str(args.threads)],
-                 stdout=ping_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env())
+    ping = start(
+        [sys.executable, str(ping_app), str(ping_port), str(args.processes), str(args.threads)],
+        stdout=ping_log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=child_env(),
+    )
     benchkit.wait_for_port(ping_port, ping, what="the trivial Flask app")
     ping_url = f"http://127.0.0.1:{ping_port}/ping"
     if args.warmup > 0:
@@ -313,8 +380,11 @@ def run(args: argparse.Namespace) -> int:
         for mode in modes:
             case += 1
             name = f"{database}-{mode}"
-            url = (f"sqlite:///{folder / f'{name}.db'}" if database == "sqlite"
-                   else pg.create_database(f"bench_subscribe_{case}"))  # type: ignore[union-attr]
+            url = (
+                f"sqlite:///{folder / f'{name}.db'}"
+                if database == "sqlite"
+                else pg.create_database(f"bench_subscribe_{case}")
+            )  # type: ignore[union-attr]
             site = Site(cmd, folder, name, url, mode, args)
             subscribe_url = f"http://127.0.0.1:{site.port}/subscribe"
             if args.warmup > 0:
@@ -327,26 +397,45 @@ def run(args: argparse.Namespace) -> int:
                 sampler = None
                 if pyspy and not profiled:
                     profiled = True
-                    sampler = start([pyspy, "record", "--pid", str(site.proc.pid), "--subprocesses",
-                                     "--duration", str(max(1, int(args.duration))),
-                                     "--format", "raw", "--nolineno", "--rate", "200",
-                                     *{"gil": ["--gil"], "wall": ["--idle"]}.get(args.profile_mode, []),
-                                     "--output", str(Path(args.profile).resolve())],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                    sampler = start(
+                        [
+                            pyspy,
+                            "record",
+                            "--pid",
+                            str(site.proc.pid),
+                            "--subprocesses",
+                            "--duration",
+                            str(max(1, int(args.duration))),
+                            "--format",
+                            "raw",
+                            "--nolineno",
+                            "--rate",
+                            "200",
+                            *{"gil": ["--gil"], "wall": ["--idle"]}.get(args.profile_mode, []),
+                            "--output",
+                            str(Path(args.profile).resolve()),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        stdin=subprocess.DEVNULL,
+                    )
                 log(f"{name}: run {repeat}: wrk POST /subscribe for {args.duration:g} s")
-                subscribe_runs.append(run_wrk(wrk, script, subscribe_url, args, args.duration, prefix, repeat, mode,
-                                              "POST /subscribe"))
+                subscribe_runs.append(
+                    run_wrk(wrk, script, subscribe_url, args, args.duration, prefix, repeat, mode, "POST /subscribe")
+                )
                 if sampler is not None:
                     try:
                         sampler.wait(30)
                     finally:
                         benchkit.stop_process(sampler)
                     if sampler.returncode != 0:
-                        raise BenchError("py-spy failed: "
-                                         f"{sampler.stderr.read().decode(errors='replace').strip()[-400:]}")
+                        raise BenchError(
+                            f"py-spy failed: {sampler.stderr.read().decode(errors='replace').strip()[-400:]}"
+                        )
                 log(f"{name}: run {repeat}: wrk POST /ping for {args.duration:g} s")
-                ping_runs.append(run_wrk(wrk, script, ping_url, args, args.duration, prefix, repeat, mode,
-                                         "POST /ping"))
+                ping_runs.append(
+                    run_wrk(wrk, script, ping_url, args, args.duration, prefix, repeat, mode, "POST /ping")
+                )
             if ping.poll() is not None or site.proc.poll() is not None:
                 raise BenchError("a server exited during the run")
             time.sleep(1.0)  # let the requests in flight when wrk stopped finish
@@ -359,34 +448,50 @@ def run(args: argparse.Namespace) -> int:
     if judged:
         print()
         for database, ratio in judged:
-            print(f"target: POST /subscribe >= 0.5 x the trivial endpoint ({database}, many clients): {ratio:.2f}x "
-                  f"{'ok' if ratio >= 0.5 else 'MISSED'}")
+            print(
+                f"target: POST /subscribe >= 0.5 x the trivial endpoint ({database}, many clients): {ratio:.2f}x "
+                f"{'ok' if ratio >= 0.5 else 'MISSED'}"
+            )
     if args.profile:
         print(f"\nprofile of `newsletter serve` during the first measured run ({args.profile}):")
         print(benchkit.summarize_profile(Path(args.profile), args.profile_mode))
     return 1 if failed else 0
 
 
-def report(name: str, mode: str, database: str, args: argparse.Namespace, subscribe_runs: list[WrkResult],
-           ping_runs: list[WrkResult], site: Site, outcomes: list[tuple[str, str, float]]) -> bool:
+def report(
+    name: str,
+    mode: str,
+    database: str,
+    args: argparse.Namespace,
+    subscribe_runs: list[WrkResult],
+    ping_runs: list[WrkResult],
+    site: Site,
+    outcomes: list[tuple[str, str, float]],
+) -> bool:
     """Print one case's table and checks; True when a check failed."""
     failed = False
     print(f"\n== {name}: {MODES[mode]}")
-    print(f"both servers: newsletter.serving, {args.processes} process(es) x {args.threads} waitress thread(s); "
-          f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s; {args.warmup:g} s warm-up each")
+    print(
+        f"both servers: newsletter.serving, {args.processes} process(es) x {args.threads} waitress thread(s); "
+        f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s; {args.warmup:g} s warm-up each"
+    )
     header = f"{'run':>3} {'endpoint':<16} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}  non-2xx / errors"
     print(header)
     print("-" * len(header))
-    for repeat, (sub, png) in enumerate(zip(subscribe_runs, ping_runs), 1):
+    for repeat, (sub, png) in enumerate(zip(subscribe_runs, ping_runs, strict=True), 1):
         for r in (sub, png):
             bad = ", ".join(f"{code}: {count}" for code, count in r.non_2xx.items()) or "none"
-            print(f"{repeat:>3} {r.target:<16} {r.requests:>9,} {r.rate:>8,.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f}  "
-                  f"{bad}; {r.errors}")
-    ratios = [s.rate / p.rate for s, p in zip(subscribe_runs, ping_runs) if p.rate]
+            print(
+                f"{repeat:>3} {r.target:<16} {r.requests:>9,} {r.rate:>8,.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f}  "
+                f"{bad}; {r.errors}"
+            )
+    ratios = [s.rate / p.rate for s, p in zip(subscribe_runs, ping_runs, strict=True) if p.rate]
     ratio = statistics.median(ratios) if ratios else 0.0
-    print(f"POST /subscribe {statistics.median(r.rate for r in subscribe_runs):,.0f} req/s, trivial endpoint "
-          f"{statistics.median(r.rate for r in ping_runs):,.0f} req/s (medians); ratio {ratio:.2f}"
-          + (f" (per run: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""))
+    print(
+        f"POST /subscribe {statistics.median(r.rate for r in subscribe_runs):,.0f} req/s, trivial endpoint "
+        f"{statistics.median(r.rate for r in ping_runs):,.0f} req/s (medians); ratio {ratio:.2f}"
+        + (f" (per run: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
+    )
 
     logged = 0
     for repeat, sub in enumerate(subscribe_runs, 1):
@@ -397,25 +502,32 @@ def report(name: str, mode: str, database: str, args: argparse.Namespace, subscr
         if extra == 0:
             print(f"run {repeat}: {stored:,} sign-ups logged = {oks:,} 200 responses: ok")
         elif 0 < extra <= args.connections:
-            print(f"run {repeat}: {stored:,} sign-ups logged, {oks:,} 200 responses: ok ({extra} request(s) were "
-                  "in flight when wrk stopped; the server completed them)")
+            print(
+                f"run {repeat}: {stored:,} sign-ups logged, {oks:,} 200 responses: ok ({extra} request(s) were "
+                "in flight when wrk stopped; the server completed them)"
+            )
         else:
             print(f"run {repeat}: {stored:,} sign-ups logged but {oks:,} 200 responses: MISMATCH")
             failed = True
     recorded, seconds = drain(site.config)
-    subscribers = sum(count(site.url, "subscribers", "email_key", f"run{repeat}")
-                      for repeat in range(1, len(subscribe_runs) + 1))
+    subscribers = sum(
+        count(site.url, "subscribers", "email_key", f"run{repeat}") for repeat in range(1, len(subscribe_runs) + 1)
+    )
     rate = f" ({recorded / seconds:,.0f}/s)" if seconds and recorded else ""
     verdict = "ok" if subscribers == logged else "MISMATCH"
     failed |= verdict != "ok"
-    print(f"worker: {recorded:,} sign-ups (with the warm-up's) made into subscribers and confirmation emails in "
-          f"{seconds:.1f} s{rate}; {subscribers:,} subscribers for the {logged:,} measured sign-ups: {verdict}")
+    print(
+        f"worker: {recorded:,} sign-ups (with the warm-up's) made into subscribers and confirmation emails in "
+        f"{seconds:.1f} s{rate}; {subscribers:,} subscribers for the {logged:,} measured sign-ups: {verdict}"
+    )
 
     limited = sum(r.statuses.get(429, 0) for r in subscribe_runs)
     other = sum(count for r in subscribe_runs for code, count in r.non_2xx.items() if code != 429)
     if limited:
-        print(f"RATE-LIMITED: {limited:,} requests answered 429 Too Many Requests"
-              + ("" if mode == "shipped" else " (must be 0 when every request comes from a new client)"))
+        print(
+            f"RATE-LIMITED: {limited:,} requests answered 429 Too Many Requests"
+            + ("" if mode == "shipped" else " (must be 0 when every request comes from a new client)")
+        )
         failed |= mode != "shipped"
     if other:
         print(f"MISSED: {other:,} non-2xx responses other than 429 to POST /subscribe (must be 0)")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 from limits import parse_many
+
+from .mailer import SECURITY_MODES
+from .text import has_controls
 
 DEFAULT_PATH = "config.toml"
 ENV_PREFIX = "NEWSLETTER_"
@@ -97,16 +100,19 @@ class Config:
         return self.site.base_url.rstrip("/")
 
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("source", "demo")}
-SECURITY_CHOICES = ("none", "starttls", "tls")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# each section field has a default_factory, its dataclass (typed as possibly MISSING)
+SECTIONS = {
+    f.name: cast(Callable[[], Any], f.default_factory)
+    for f in dataclasses.fields(Config)
+    if f.name not in ("source", "demo")
+}
 
 
 def _toml_key(field_name: str) -> str:
     return field_name.rstrip("_")
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, environ: dict[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read the file named by PATH, else $NEWSLETTER_CONFIG, else ./config.toml, then apply overrides."""
     environ = os.environ if environ is None else environ
     explicit = path is not None or "NEWSLETTER_CONFIG" in environ
@@ -125,10 +131,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *, environ: dict[str
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if section not in SECTIONS or key not in {_toml_key(f.name) for f in dataclasses.fields(SECTIONS[section]())}:
-            raise ConfigError(f"environment variable {name}: there is no key [{section}] {key}; "
-                              "fix or remove the variable")
+            raise ConfigError(
+                f"environment variable {name}: there is no key [{section}] {key}; fix or remove the variable"
+            )
         data.setdefault(section, {})[key] = value
     return config_from_dict(data, source=source)
 
@@ -139,8 +146,9 @@ def config_from_dict(data: dict[str, Any], *, source: str = "settings", demo: bo
     for section, values in data.items():
         factory = SECTIONS.get(section)
         if factory is None or not isinstance(values, dict):
-            raise ConfigError(f"{source}: unknown section [{section}]; known sections are "
-                              + ", ".join(f"[{s}]" for s in SECTIONS))
+            raise ConfigError(
+                f"{source}: unknown section [{section}]; known sections are " + ", ".join(f"[{s}]" for s in SECTIONS)
+            )
         defaults = factory()
         fields = {_toml_key(f.name): f for f in dataclasses.fields(defaults)}
         converted = {}
@@ -168,7 +176,7 @@ def _convert(value: Any, default: Any, where: str) -> Any:
     if isinstance(default, int):
         try:
             number = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where} must be a whole number, not {value!r}") from None
         if number < 0 or isinstance(value, (bool, float)):
             raise ConfigError(f"{where} must be a whole number of 0 or more, not {value!r}")
@@ -181,37 +189,53 @@ def _convert(value: Any, default: Any, where: str) -> Any:
 def _validated(config: Config) -> Config:
     where = config.source
     if not config.security.secret_key and not config.demo and where.endswith("(not found)"):
-        raise ConfigError(f"{where.removesuffix(' (not found)')}: no such configuration file; copy "
-                          "config.example.toml there and set [security] secret_key, or pass --config PATH")
+        raise ConfigError(
+            f"{where.removesuffix(' (not found)')}: no such configuration file; copy "
+            "config.example.toml there and set [security] secret_key, or pass --config PATH"
+        )
     if not config.security.secret_key and not config.demo:
-        raise ConfigError(f"{where}: [security] secret_key is empty; set it to a long random string, e.g. the "
-                          "output of: python -c \"import secrets; print(secrets.token_urlsafe(48))\"")
+        raise ConfigError(
+            f"{where}: [security] secret_key is empty; set it to a long random string, e.g. the "
+            'output of: python -c "import secrets; print(secrets.token_urlsafe(48))"'
+        )
     url = urlsplit(config.site.base_url)
-    if url.scheme not in ("http", "https") or not url.hostname or not config.site.base_url.isascii() \
-            or len(config.site.base_url) > 200 or any(c in config.site.base_url for c in " \"<>"):
-        raise ConfigError(f"{where}: [site] base_url must be an absolute http(s) URL in ASCII (Punycode for IDN) of at most 200 characters, not {config.site.base_url!r}")
-    if config.smtp.security not in SECURITY_CHOICES:
-        raise ConfigError(f"{where}: [smtp] security must be one of {', '.join(SECURITY_CHOICES)}, "
-                          f"not {config.smtp.security!r}")
+    if (
+        url.scheme not in ("http", "https")
+        or not url.hostname
+        or not config.site.base_url.isascii()
+        or len(config.site.base_url) > 200
+        or any(c in config.site.base_url for c in ' "<>')
+    ):
+        raise ConfigError(
+            f"{where}: [site] base_url must be an absolute http(s) URL in ASCII (Punycode for IDN) of at most 200 "
+            f"characters, not {config.site.base_url!r}"
+        )
+    if config.smtp.security not in SECURITY_MODES:
+        raise ConfigError(
+            f"{where}: [smtp] security must be one of {', '.join(SECURITY_MODES)}, not {config.smtp.security!r}"
+        )
     if not 0 < config.smtp.port < 65536:
         raise ConfigError(f"{where}: [smtp] port must be between 1 and 65535, not {config.smtp.port}")
     if config.smtp.connections < 1 or config.smtp.batch_size < 1:
         raise ConfigError(f"{where}: [smtp] connections and batch_size must be at least 1")
     name, addr = parseaddr(config.smtp.from_)
-    if _CONTROL.search(config.smtp.from_) or "=?" in config.smtp.from_:
+    if has_controls(config.smtp.from_) or "=?" in config.smtp.from_:
         raise ConfigError(f"{where}: [smtp] from must be one line of plain text")
     try:
         validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
-        raise ConfigError(f"{where}: [smtp] from must be an address like \"Blog <news@example.com>\" ({exc})") from None
-    if _CONTROL.search(config.site.name) or "=?" in config.site.name:
+        raise ConfigError(f'{where}: [smtp] from must be an address like "Blog <news@example.com>" ({exc})') from None
+    if has_controls(config.site.name) or "=?" in config.site.name:
         raise ConfigError(f"{where}: [site] name must be one line of plain text")
     try:
         parse_many(config.web.rate_limit)
     except ValueError:
-        raise ConfigError(f"{where}: [web] rate_limit must read like \"10 per hour\" or \"5/minute; 20/day\", "
-                          f"not {config.web.rate_limit!r}") from None
+        raise ConfigError(
+            f'{where}: [web] rate_limit must read like "10 per hour" or "5/minute; 20/day", '
+            f"not {config.web.rate_limit!r}"
+        ) from None
     if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
-        raise ConfigError(f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, "
-                          f"not {config.database.url!r}")
+        raise ConfigError(
+            f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, not {config.database.url!r}"
+        )
     return config

@@ -1,30 +1,59 @@
-"""Database engine, sessions and the Alembic migrations that build the schema."""
+"""Database engine, sessions and the Alembic migrations that build the schema.
+
+Every difference between SQLite and PostgreSQL that the rest of the code relies on is here: how writers
+take turns or claim rows side by side, and how a sender tells a live sender from a dead one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import secrets
+import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, nullcontext, suppress
 from pathlib import Path
-from typing import Callable
+from typing import Any, TypeVarTuple, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Executable, Insert, create_engine, event, text
+from sqlalchemy import (
+    ClauseElement,
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    Select,
+    Table,
+    create_engine,
+    event,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from .config import ConfigError
 from .resources import resource_dir
 
+Ts = TypeVarTuple("Ts")
+
 
 class DatabaseError(Exception):
     """The database cannot be used as it is; the message is one line saying what to do."""
+
+
+class SenderBusy(Exception):
+    """Another sender holds the lock on this (SQLite) database."""
 
 
 def make_engine(url: str) -> Engine:
@@ -42,14 +71,14 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"[database] url {url!r} cannot be used: {exc}") from None
 
 
-def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
-    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+    dbapi_connection.isolation_level = None
 
 
 class _WriterTurns:
@@ -60,10 +89,10 @@ class _WriterTurns:
     def __init__(self) -> None:
         self.lock = threading.RLock()
 
-    def begin(self, conn: object) -> None:
+    def begin(self, conn: Connection) -> None:
         self.lock.acquire()
         try:
-            conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+            cast(sqlite3.Connection, conn.connection.dbapi_connection).execute("BEGIN IMMEDIATE")
         except BaseException:
             self.lock.release()
             raise
@@ -121,22 +150,22 @@ class HotPath:
             pause = min(pause * 2, 0.002)
 
     def _connection(self) -> DBAPIConnection:
-        connection = getattr(self._local, "connection", None)
+        connection: Any = getattr(self._local, "connection", None)  # the driver's own: sqlite3's or psycopg's
         if connection is None:
             pooled = self.engine.raw_connection()
             connection = pooled.driver_connection
             pooled.detach()  # this thread's own from now on
             if self.engine.dialect.name == "postgresql":
-                connection.autocommit = True  # type: ignore[union-attr]
+                connection.autocommit = True
             if self._turns is not None:
-                connection.execute("PRAGMA busy_timeout = 0")  # type: ignore[attr-defined]
+                connection.execute("PRAGMA busy_timeout = 0")
             self._local.connection = connection
-        return connection  # type: ignore[return-value]
+        return connection
 
 
-def insert_for(conn: Connection | Engine) -> Callable[..., Insert]:
+def insert_for(conn: Connection | Engine) -> Callable[..., postgresql.Insert | sqlite.Insert]:
     """The INSERT of CONN's dialect, which has ON CONFLICT."""
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert if _postgresql(conn) else sqlite.insert
 
 
 class DriverStatement:
@@ -146,8 +175,9 @@ class DriverStatement:
     more than the database's. Parameters go to the driver as they are: use plain str, int and float.
     """
 
-    def __init__(self, engine: Engine, statement: Executable) -> None:
-        compiled = statement.compile(dialect=engine.dialect)
+    def __init__(self, engine: Engine, statement: ClauseElement) -> None:
+        # a statement (not DDL) compiles with the dialect's statement compiler, an SQLCompiler
+        compiled = cast(SQLCompiler, statement.compile(dialect=engine.dialect))
         self.sql = compiled.string
         self.defaults = {name: bind.value for name, bind in compiled.binds.items()}  # the statement's literals
         self.names = compiled.positiontup if engine.dialect.positional else None
@@ -158,11 +188,115 @@ class DriverStatement:
         return cursor
 
 
+def _postgresql(bind: Connection | Engine) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+def skip_locked(query: Select[*Ts], bind: Connection | Engine) -> Select[*Ts]:
+    """QUERY locking what it selects and passing over rows another transaction holds, on PostgreSQL.
+
+    SQLite's writers take turns (every transaction starts with BEGIN IMMEDIATE), so there it needs neither.
+    """
+    return query.with_for_update(skip_locked=True) if _postgresql(bind) else query
+
+
+def locked(query: Select[*Ts], bind: Connection | Engine) -> Select[*Ts]:
+    """QUERY locking what it selects until the transaction ends, on PostgreSQL (SQLite: see skip_locked)."""
+    return query.with_for_update() if _postgresql(bind) else query
+
+
+def claim(
+    conn: Connection,
+    table: Table,
+    due: Select[int],
+    values: dict[str, Any],
+    columns: Sequence[ColumnElement[Any]],
+    *where: ColumnElement[bool],
+) -> list[Row[*tuple[Any, ...]]]:
+    """Set VALUES on the rows of TABLE whose ids DUE selects and return COLUMNS of each, in id order.
+
+    COLUMNS start with TABLE's id and may name another table joined by WHERE; they are read as the rows
+    were before VALUES, so VALUES should not change them. On PostgreSQL this is one UPDATE ... RETURNING
+    over the rows no other sender has locked (SKIP LOCKED), so senders claim side by side; SQLite's
+    RETURNING sees only the updated table, and its writers take turns, so there it is a SELECT and then
+    an UPDATE of what it found.
+    """
+    ids = table.c.id.in_(skip_locked(due, conn).scalar_subquery())
+    if _postgresql(conn):
+        return sorted(conn.execute(update(table).values(**values).where(ids, *where).returning(*columns)))
+    rows = list(conn.execute(select(*columns).where(ids, *where).order_by(table.c.id)))
+    if rows:
+        conn.execute(update(table).where(table.c.id.in_([row[0] for row in rows])).values(**values))
+    return rows
+
+
+def advisory_xact_lock(conn: Connection, key: str) -> None:
+    """Hold KEY until the transaction ends, so transactions about the same thing take turns (PostgreSQL;
+    SQLite's transactions all take turns already)."""
+    if _postgresql(conn):
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+
+
+def refresh_statistics(engine: Engine, table: str) -> None:
+    """Fresh planner statistics for TABLE after a bulk insert, or PostgreSQL may plan a scan of every row."""
+    if _postgresql(engine):
+        with engine.connect() as conn:
+            conn.execute(text(f"ANALYZE {table}"))
+            conn.commit()
+
+
+@contextlib.contextmanager
+def sender_lock(engine: Engine) -> Iterator[int]:
+    """Register this process as a sender and yield its id.
+
+    SQLite allows one sender at a time (a file lock; SenderBusy when another holds it). PostgreSQL allows
+    many: each holds an advisory lock named by its id for as long as it lives, so the rows a dead sender
+    left behind can be told apart (sender_alive). Both locks die with their process, so a crashed run
+    never blocks the next.
+    """
+    sender_id = secrets.randbits(62)
+    if _postgresql(engine):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": sender_id})
+            conn.commit()
+            try:
+                yield sender_id
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": sender_id})
+                conn.commit()
+        return
+    path = engine.url.database
+    if not path or path == ":memory:":
+        yield sender_id
+        return
+    with open(f"{path}.send-lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SenderBusy("another `newsletter send` is running on this database; wait for it to finish") from None
+        try:
+            yield sender_id
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sender_alive(engine: Engine, sender_id: int) -> bool:
+    """Whether the sender SENDER_ID still holds its sender_lock (on SQLite only the caller can)."""
+    if not _postgresql(engine):
+        return False
+    with engine.connect() as conn:
+        free = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": sender_id}).scalar()
+        if free:
+            conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": sender_id})
+        conn.commit()
+        return not free
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _alembic_config(engine: Engine) -> AlembicConfig:
+def _alembic_config(engine: Engine | None) -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(resource_dir("migrations")))
     cfg.attributes["engine"] = engine
@@ -170,7 +304,7 @@ def _alembic_config(engine: Engine) -> AlembicConfig:
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()  # type: ignore[arg-type]
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -178,8 +312,10 @@ def current_revision(engine: Engine) -> str | None:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
-                            f"{_first_line(exc)}; check [database] url") from None
+        raise DatabaseError(
+            f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
+            f"{_first_line(exc)}; check [database] url"
+        ) from None
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str | None]:

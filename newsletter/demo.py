@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 
-import click
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
-
 
 SAMPLE_FEED = "sample-feed.xml"
 
@@ -19,9 +18,9 @@ SAMPLE_FEED = "sample-feed.xml"
 class MailCatcher:
     """An SMTP server on loopback that keeps every message as a .eml file and announces it."""
 
-    def __init__(self, folder: Path, port: int, echo: bool = True) -> None:
+    def __init__(self, folder: Path, port: int, announce: Callable[[str], None] | None = None) -> None:
         self.folder = folder
-        self.echo = echo
+        self.announce = announce
         folder.mkdir(parents=True, exist_ok=True)
         self.controller = Controller(self, hostname="127.0.0.1", port=port)
 
@@ -29,13 +28,13 @@ class MailCatcher:
         data = envelope.original_content or b""
         number = len(list(self.folder.glob("*.eml"))) + 1
         (self.folder / f"{number:06d}.eml").write_bytes(data)
-        if self.echo:
+        if self.announce:
             message = message_from_bytes(data, policy=policy.default)
-            click.echo(f"[mail catcher] to {', '.join(envelope.rcpt_tos)}: {message['Subject']}")
-            body = message.get_body(("plain",))  # type: ignore[attr-defined]
+            self.announce(f"[mail catcher] to {', '.join(envelope.rcpt_tos)}: {message['Subject']}")
+            body = message.get_body(("plain",))
             for line in (body.get_content() if body else "").splitlines():
                 if "://" in line:
-                    click.echo(f"[mail catcher]   {line.strip()}")
+                    self.announce(f"[mail catcher]   {line.strip()}")
         return "250 Message accepted"
 
     def start(self) -> None:
@@ -48,7 +47,7 @@ class MailCatcher:
 def caught(folder: Path) -> list[tuple[str, EmailMessage]]:
     """Caught messages, newest first, as (name, message)."""
     files = sorted(folder.glob("*.eml"), reverse=True)
-    return [(f.stem, message_from_bytes(f.read_bytes(), policy=policy.default)) for f in files]  # type: ignore[misc]
+    return [(f.stem, message_from_bytes(f.read_bytes(), policy=policy.default)) for f in files]
 
 
 def write_demo_config(folder: Path, web_port: int, smtp_port: int) -> Path:
@@ -72,7 +71,7 @@ feed_url = "{feed.resolve()}"
 secret_key = "{secret_file.read_text().strip()}"
 
 [database]
-url = "sqlite:///{(folder / 'newsletter.db').resolve()}"
+url = "sqlite:///{(folder / "newsletter.db").resolve()}"
 
 [smtp]
 host = "127.0.0.1"

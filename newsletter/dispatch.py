@@ -9,37 +9,27 @@ same Message-ID and counts it as possibly duplicated. Nothing is ever skipped.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
-import secrets
 import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from datetime import timedelta
+from typing import Any, cast
 
-from flask import render_template
-from sqlalchemy import bindparam, func, insert, literal, or_, select, text, update
+from sqlalchemy import CursorResult, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from .app import Newsletter
+from . import db
 from .mailer import Envelope, MailerError, Outcome, Result
 from .messages import MessageTemplate, notification_template
-from .models import Delivery, DeliveryStatus, OutboxMessage, Post, Status, Subscriber, utcnow
-from .outbox import smtp_connection
-from .signing import load_signer
+from .models import DELIVERIES, SUBSCRIBERS, Delivery, DeliveryStatus, OutboxMessage, Post, Status, Subscriber, utcnow
+from .runtime import Newsletter
 
-RETRY_DELAYS = (1.0, 5.0)
+RETRY_PASSES_AFTER = (timedelta(seconds=1), timedelta(seconds=5))  # within one run, for 4xx and lost replies
 POLICY_REJECTION = re.compile(r"^5\d\d[ -]5\.7\.")
 MAX_LISTED_FAILURES = 20
-DELIVERIES = Delivery.__table__
-SUBSCRIBERS = Subscriber.__table__
-
-
-class SenderBusy(Exception):
-    """Another sender holds the lock on this (SQLite) database."""
 
 
 @dataclass
@@ -55,8 +45,10 @@ class SendReport:
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        line = (f"{self.posts} post(s): {self.sent} sent, {self.failed} failed, {self.skipped} skipped"
-                f", {self.deferred} left for the next run")
+        line = (
+            f"{self.posts} post(s): {self.sent} sent, {self.failed} failed, {self.skipped} skipped"
+            f", {self.deferred} left for the next run"
+        )
         if self.resent:
             line += f", {self.resent} possibly duplicated (sent again after an interrupted run or a lost reply)"
         if self.quota_reached:
@@ -73,85 +65,46 @@ class SendReport:
 Progress = Callable[[int], None]
 
 
-@contextlib.contextmanager
-def sender_session(nl: Newsletter) -> Iterator[int]:
-    """Register this process as a sender and yield its id.
-
-    SQLite allows one sender at a time (a file lock). PostgreSQL allows many: each holds an advisory lock
-    named by its id for as long as it lives, so the rows a dead sender left `sending` can be told apart.
-    Both locks die with their process, so a crashed run never blocks the next.
-    """
-    sender_id = secrets.randbits(62)
-    url = nl.engine.url
-    if url.get_backend_name() != "postgresql":
-        path = url.database
-        if not path or path == ":memory:":
-            yield sender_id
-            return
-        with open(f"{path}.send-lock", "a+b") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SenderBusy("another `newsletter send` is running on this database; "
-                                 "wait for it to finish") from None
-            try:
-                yield sender_id
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    with nl.engine.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": sender_id})
-        conn.commit()
-        try:
-            yield sender_id
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": sender_id})
-            conn.commit()
-
-
 def _recover_interrupted(nl: Newsletter, sender_id: int) -> int:
     """Put rows that a dead sender left `sending` back in the queue; returns how many."""
     with nl.sessions.begin() as session:
-        stale = update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
-        if session.bind.dialect.name == "postgresql":
-            owners = session.scalars(select(Delivery.claimed_by).where(Delivery.status == DeliveryStatus.SENDING)
-                                     .distinct()).all()
-            dead = [owner for owner in owners if owner is None or (owner != sender_id and _is_gone(nl, owner))]
-            if not dead:
-                return 0
-            stale = stale.where(or_(Delivery.claimed_by.in_([o for o in dead if o is not None]),
-                                    Delivery.claimed_by.is_(None)))
-        return session.execute(stale.values(status=DeliveryStatus.PENDING, claimed_by=None)).rowcount
-
-
-def _is_gone(nl: Newsletter, sender_id: int) -> bool:
-    with nl.engine.connect() as conn:
-        free = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": sender_id}).scalar()
-        if free:
-            conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": sender_id})
-        conn.commit()
-        return bool(free)
+        owners = session.scalars(
+            select(Delivery.claimed_by).where(Delivery.status == DeliveryStatus.SENDING).distinct()
+        ).all()
+        dead = [o for o in owners if o is None or (o != sender_id and not db.sender_alive(nl.engine, o))]
+        if not dead:
+            return 0
+        stale = update(Delivery).where(
+            Delivery.status == DeliveryStatus.SENDING,
+            or_(Delivery.claimed_by.in_([o for o in dead if o is not None]), Delivery.claimed_by.is_(None)),
+        )
+        # an UPDATE's result is a CursorResult, which has the rowcount; Session.execute is typed as any Result
+        result = cast(CursorResult[Any], session.execute(stale.values(status=DeliveryStatus.PENDING, claimed_by=None)))
+        return result.rowcount
 
 
 def queue_posts(nl: Newsletter) -> list[Post]:
     """Create a pending delivery per confirmed subscriber for every post not yet queued."""
     with nl.sessions.begin() as session:
-        due = (select(Post).where(Post.queued_at.is_(None), Post.announced_at.is_(None))
-               .order_by(Post.published_at.is_(None), Post.published_at, Post.id))
-        if session.bind.dialect.name == "postgresql":
-            due = due.with_for_update()
-        posts = list(session.scalars(due))
+        due = (
+            select(Post)
+            .where(Post.queued_at.is_(None), Post.announced_at.is_(None))
+            .order_by(Post.published_at.is_(None), Post.published_at, Post.id)
+        )
+        posts = list(session.scalars(db.locked(due, nl.engine)))
         for post in posts:
-            session.execute(insert(Delivery).from_select(
-                ["post_id", "subscriber_id", "status", "attempts"],
-                select(literal(post.id), Subscriber.id, literal(DeliveryStatus.PENDING.value), literal(0))
-                .where(Subscriber.status == Status.CONFIRMED)))
+            session.execute(
+                insert(Delivery).from_select(
+                    ["post_id", "subscriber_id", "status"],
+                    select(literal(post.id), Subscriber.id, literal(DeliveryStatus.PENDING.value)).where(
+                        Subscriber.status == Status.CONFIRMED
+                    ),
+                )
+            )
             post.queued_at = utcnow()
             post.message_seed = os.urandom(8).hex()
-    if posts and nl.engine.dialect.name == "postgresql":
-        with nl.engine.connect() as conn:  # fresh statistics, or claims plan a scan of every pending row
-            conn.execute(text("ANALYZE deliveries"))
-            conn.commit()
+    if posts:
+        db.refresh_statistics(nl.engine, DELIVERIES.name)
     return posts
 
 
@@ -159,37 +112,54 @@ def retry_failed(nl: Newsletter) -> int:
     """Queue again every delivery the server refused for good, and un-bounce its reader."""
     with nl.sessions.begin() as session:
         failed = select(Delivery.subscriber_id).where(Delivery.status == DeliveryStatus.FAILED)
-        session.execute(update(Subscriber).where(Subscriber.status == Status.BOUNCED, Subscriber.id.in_(failed))
-                        .values(status=Status.CONFIRMED))
+        session.execute(
+            update(Subscriber)
+            .where(Subscriber.status == Status.BOUNCED, Subscriber.id.in_(failed))
+            .values(status=Status.CONFIRMED)
+        )
         posts = select(Delivery.post_id).where(Delivery.status == DeliveryStatus.FAILED).distinct()
         session.execute(update(Post).where(Post.id.in_(posts)).values(announced_at=None))
-        return session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
-                               .values(status=DeliveryStatus.PENDING, error=None)).rowcount
+        requeued = update(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
+        result = cast(CursorResult[Any], session.execute(requeued.values(status=DeliveryStatus.PENDING, error=None)))
+        return result.rowcount
 
 
 def _sent_in_last_day(nl: Newsletter) -> int:
     since = utcnow() - timedelta(days=1)
     with nl.sessions() as session:
-        notifications = session.scalar(select(func.count()).select_from(Delivery).where(
-            Delivery.status == DeliveryStatus.SENT, Delivery.updated_at >= since)) or 0
-        one_off = session.scalar(select(func.count()).select_from(OutboxMessage)
-                                 .where(OutboxMessage.sent_at >= since)) or 0
+        notifications = (
+            session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.status == DeliveryStatus.SENT, Delivery.updated_at >= since)
+            )
+            or 0
+        )
+        one_off = (
+            session.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at >= since)) or 0
+        )
     return notifications + one_off
 
 
-def send(nl: Newsletter, sender_id: int, progress: Progress | None = None,
-         on_post: Callable[[Post, int], None] | None = None) -> SendReport:
-    """Announce every queued post to its recipients. Call inside an app context and a sender_session."""
+def send(
+    nl: Newsletter, sender_id: int, progress: Progress | None = None, on_post: Callable[[Post, int], None] | None = None
+) -> SendReport:
+    """Announce every queued post to its recipients. Call inside a db.sender_lock giving SENDER_ID."""
     report = SendReport(resent=_recover_interrupted(nl, sender_id))
     queue_posts(nl)
     quota = _Quota(nl.config.smtp.max_per_day, _sent_in_last_day(nl) if nl.config.smtp.max_per_day else 0)
     pace = _Pace(nl.config.smtp.max_per_second)
     with nl.sessions() as session:
-        posts = list(session.scalars(select(Post).where(Post.queued_at.is_not(None), Post.announced_at.is_(None))
-                                     .order_by(Post.queued_at, Post.id)))
+        posts = list(
+            session.scalars(
+                select(Post)
+                .where(Post.queued_at.is_not(None), Post.announced_at.is_(None))
+                .order_by(Post.queued_at, Post.id)
+            )
+        )
     for post in posts:
         report.posts += 1
-        template = notification_template(nl.config, render_template, post)
+        template = notification_template(nl.config, nl.render, post)
         if on_post:
             on_post(post, _count(nl, post, DeliveryStatus.PENDING))
         _PostSender(nl, sender_id, post, template, report, progress, quota, pace).run()
@@ -203,8 +173,14 @@ def send(nl: Newsletter, sender_id: int, progress: Progress | None = None,
 
 def _count(nl: Newsletter, post: Post, *statuses: DeliveryStatus) -> int:
     with nl.sessions() as session:
-        return session.scalar(select(func.count()).select_from(Delivery)
-                              .where(Delivery.post_id == post.id, Delivery.status.in_(statuses))) or 0
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.post_id == post.id, Delivery.status.in_(statuses))
+            )
+            or 0
+        )
 
 
 class _Pace:
@@ -254,29 +230,34 @@ class _PostSender:
     """Sends one post's pending deliveries over [smtp] connections parallel SMTP connections.
 
     Each thread owns one connection. Recording a finished batch and claiming the next happen in one
-    transaction. On SQLite the threads take turns at the database, so it never sees two writers at once;
-    on PostgreSQL they claim side by side (SKIP LOCKED). `lock` guards the counters they share.
+    transaction (db.claim: on SQLite the threads take turns at the database, on PostgreSQL they claim
+    side by side). `lock` guards the counters they share.
     """
 
-    def __init__(self, nl: Newsletter, sender_id: int, post: Post, template: MessageTemplate, report: SendReport,
-                 progress: Progress | None, quota: _Quota, pace: _Pace) -> None:
+    def __init__(
+        self,
+        nl: Newsletter,
+        sender_id: int,
+        post: Post,
+        template: MessageTemplate,
+        report: SendReport,
+        progress: Progress | None,
+        quota: _Quota,
+        pace: _Pace,
+    ) -> None:
         self.nl, self.sender_id, self.post, self.template = nl, sender_id, post, template
         self.report, self.progress, self.quota, self.pace = report, progress, quota, pace
         self.lock = threading.Lock()
-        self.db_lock = threading.Lock() if nl.engine.dialect.name == "sqlite" else contextlib.nullcontext()
         self.cursor: int | None = 0
         self.requeued = 0
         self.stop = threading.Event()
-        self.sign = load_signer(nl.config)
 
     def run(self) -> None:
         """One pass over the pending rows, then bounded retry passes for what came back to the queue."""
-        delays = (0.0, *RETRY_DELAYS)
-        for attempt, delay in enumerate(delays):
-            time.sleep(delay)
+        for delay in (timedelta(0), *RETRY_PASSES_AFTER):
+            time.sleep(delay.total_seconds())
             self.cursor, self.requeued = 0, 0
-            threads = [threading.Thread(target=self._work, daemon=True)
-                       for _ in range(self.nl.config.smtp.connections)]
+            threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.nl.config.smtp.connections)]
             for thread in threads:
                 thread.start()
             try:
@@ -294,18 +275,17 @@ class _PostSender:
         self.report.deferred += _count(self.nl, self.post, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 
     def _work(self) -> None:
-        connection = smtp_connection(self.nl.config.smtp)
+        transport = self.nl.transport()
         done: list[tuple[_Claimed, Result]] = []
         try:
             while True:
-                with self.db_lock:
-                    batch = self._record_and_claim(done)
+                batch = self._record_and_claim(done)
                 if not batch:
                     return
                 envelopes = [self._envelope(item) for item in batch]
                 self.pace.wait(len(batch))
                 try:
-                    done = list(zip(batch, connection.send(envelopes)))
+                    done = list(zip(batch, transport.send(envelopes), strict=True))
                 except MailerError as exc:
                     done = [(item, Result(Outcome.DEFERRED, None, str(exc))) for item in batch]
                     with self.lock:
@@ -313,16 +293,15 @@ class _PostSender:
                     self.stop.set()
         finally:
             if done:
-                with self.db_lock:
-                    self._record(done)
-            connection.close()
+                self._record(done)
+            transport.close()
 
     def _envelope(self, item: _Claimed) -> Envelope:
         message = self.template.render(
-            item.recipient, f"<{item.delivery_id}.{self.post.message_seed}@{self.template.domain}>",
-            self.nl.unsubscribe_url(item.subscriber_id))
-        if self.sign:
-            message = self.sign(message)
+            item.recipient,
+            f"<{item.delivery_id}.{self.post.message_seed}@{self.template.domain}>",
+            self.nl.unsubscribe_url(item.subscriber_id),
+        )
         return Envelope(self.template.sender, item.recipient, message)
 
     def _record_and_claim(self, done: list[tuple[_Claimed, Result]]) -> list[_Claimed]:
@@ -352,24 +331,19 @@ class _PostSender:
         if cursor is None:
             return [], size
         conn = session.connection()
-        now = utcnow()
-        ids = (select(DELIVERIES.c.id)
-               .where(DELIVERIES.c.post_id == self.post.id, DELIVERIES.c.status == DeliveryStatus.PENDING,
-                      DELIVERIES.c.id > cursor)
-               .order_by(DELIVERIES.c.id).limit(size))
-        sending = {"status": DeliveryStatus.SENDING, "claimed_by": self.sender_id,
-                   "attempts": DELIVERIES.c.attempts + 1, "updated_at": now}
+        due = (
+            select(DELIVERIES.c.id)
+            .where(
+                DELIVERIES.c.post_id == self.post.id,
+                DELIVERIES.c.status == DeliveryStatus.PENDING,
+                DELIVERIES.c.id > cursor,
+            )
+            .order_by(DELIVERIES.c.id)
+            .limit(size)
+        )
+        sending = {"status": DeliveryStatus.SENDING, "claimed_by": self.sender_id, "updated_at": utcnow()}
         columns = (DELIVERIES.c.id, SUBSCRIBERS.c.id, SUBSCRIBERS.c.email_ascii, SUBSCRIBERS.c.status)
-        if conn.dialect.name == "postgresql":
-            ids = ids.with_for_update(skip_locked=True)
-            rows = sorted(conn.execute(
-                update(DELIVERIES).values(**sending).returning(*columns)
-                .where(DELIVERIES.c.id.in_(ids.scalar_subquery()), SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)))
-        else:  # SQLite's RETURNING sees only the updated table
-            rows = conn.execute(select(*columns).join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
-                                .where(DELIVERIES.c.id.in_(ids.scalar_subquery())).order_by(DELIVERIES.c.id)).all()
-            if rows:
-                conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_([row[0] for row in rows])).values(**sending))
+        rows = db.claim(conn, DELIVERIES, due, sending, columns, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
         with self.lock:
             if not rows:
                 self.cursor = None
@@ -379,8 +353,7 @@ class _PostSender:
         live = [row for row in rows if row[3] == Status.CONFIRMED]
         gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
         if gone:
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(gone))
-                         .values(status=DeliveryStatus.SKIPPED))
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(gone)).values(status=DeliveryStatus.SKIPPED))
             with self.lock:
                 self.report.skipped += len(gone)
                 if self.progress:
@@ -395,22 +368,37 @@ class _PostSender:
         conn = session.connection()
         now = utcnow()
         sent = [item.delivery_id for item, result in done if result.outcome is Outcome.SENT]
-        again = [{"d": item.delivery_id, "e": result.reply[:1024]}
-                 for item, result in done if result.outcome in (Outcome.DEFERRED, Outcome.UNKNOWN)]
+        again = [
+            {"d": item.delivery_id, "e": result.reply[:1024]}
+            for item, result in done
+            if result.outcome in (Outcome.DEFERRED, Outcome.UNKNOWN)
+        ]
         failed = [(item, result) for item, result in done if result.outcome is Outcome.FAILED]
         if sent:
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(sent))
-                         .values(status=DeliveryStatus.SENT, updated_at=now, error=None))
+            conn.execute(
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id.in_(sent))
+                .values(status=DeliveryStatus.SENT, updated_at=now, error=None)
+            )
         if again:
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == bindparam("d"))
-                         .values(status=DeliveryStatus.PENDING, error=bindparam("e"), updated_at=now), again)
+            conn.execute(
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id == bindparam("d"))
+                .values(status=DeliveryStatus.PENDING, error=bindparam("e"), updated_at=now),
+                again,
+            )
         for item, result in failed:
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == item.delivery_id)
-                         .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now))
+            conn.execute(
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id == item.delivery_id)
+                .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now)
+            )
             if result.stage == "rcpt" and not POLICY_REJECTION.match(result.reply):
-                conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == item.subscriber_id,
-                                                       SUBSCRIBERS.c.status == Status.CONFIRMED)
-                             .values(status=Status.BOUNCED))
+                conn.execute(
+                    update(SUBSCRIBERS)
+                    .where(SUBSCRIBERS.c.id == item.subscriber_id, SUBSCRIBERS.c.status == Status.CONFIRMED)
+                    .values(status=Status.BOUNCED)
+                )
         with self.lock:
             for item, result in failed:
                 self.report.add_failure(f"{item.recipient}: {result.reply}")
@@ -425,13 +413,10 @@ class _PostSender:
 
 def send_copy(nl: Newsletter, post: Post, address: str) -> Result:
     """A copy of POST to one address, outside the ledger (nothing recorded)."""
-    template = notification_template(nl.config, render_template, post)
+    template = notification_template(nl.config, nl.render, post)
     message = template.render(address, template.new_message_id(), nl.unsubscribe_url(0))
-    sign = load_signer(nl.config)
-    if sign:
-        message = sign(message)
-    connection = smtp_connection(nl.config.smtp)
+    transport = nl.transport()
     try:
-        return connection.send([Envelope(template.sender, address, message)])[0]
+        return transport.send([Envelope(template.sender, address, message)])[0]
     finally:
-        connection.close()
+        transport.close()

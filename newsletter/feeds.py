@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import calendar
-import re
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urljoin, urlsplit
@@ -15,12 +14,11 @@ import feedparser
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .messages import header_text
 from .models import Post, utcnow
 from .sanitize import clean_html
+from .text import header_text, strip_controls
 
 MAX_FEED_BYTES = 20 * 1024 * 1024
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class FeedError(Exception):
@@ -41,26 +39,29 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
     if not source:
         raise FeedError("[site] feed_url is not set; set it to your blog's RSS or Atom feed")
     data = _fetch(source, timeout)
-    parsed = feedparser.parse(data, response_headers={"content-location": source},
-                              sanitize_html=False, resolve_relative_uris=True)
+    parsed = feedparser.parse(
+        data, response_headers={"content-location": source}, sanitize_html=False, resolve_relative_uris=True
+    )
     if parsed.bozo and not parsed.entries and not parsed.feed.get("title"):
         raise FeedError(f"{source} is not an RSS or Atom feed ({parsed.get('bozo_exception', 'unreadable')})")
     base = parsed.feed.get("link") or source
     entries = []
     for item in parsed.entries:
-        link = _CONTROL.sub("", item.get("link") or "")
+        link = strip_controls(item.get("link") or "")
         url = urljoin(base, link) if link else ""
-        guid = _CONTROL.sub("", item.get("id") or "") or url
+        guid = strip_controls(item.get("id") or "") or url
         if not guid or not url:
             continue
-        entries.append(Entry(
-            guid=guid[:2048],
-            url=url[:2048],
-            title=header_text(item.get("title") or "", 1024) or header_text(url, 1024),
-            summary_html=clean_html(_summary(item), base_url=url),
-            published_at=_published(item),
-        ))
-    return sorted(entries, key=lambda e: e.published_at or datetime.min.replace(tzinfo=timezone.utc))
+        entries.append(
+            Entry(
+                guid=guid[:2048],
+                url=url[:2048],
+                title=header_text(item.get("title") or "", 1024) or header_text(url, 1024),
+                summary_html=clean_html(_summary(item), base_url=url),
+                published_at=_published(item),
+            )
+        )
+    return sorted(entries, key=lambda e: e.published_at or datetime.min.replace(tzinfo=UTC))
 
 
 def _fetch(source: str, timeout: float) -> bytes:
@@ -87,7 +88,7 @@ def _summary(item: feedparser.FeedParserDict) -> str:
 
 def _published(item: feedparser.FeedParserDict) -> datetime | None:
     parsed = item.get("published_parsed") or item.get("updated_parsed")
-    return datetime.fromtimestamp(calendar.timegm(parsed), timezone.utc) if parsed else None
+    return datetime.fromtimestamp(calendar.timegm(parsed), UTC) if parsed else None
 
 
 def record_entries(session: Session, entries: list[Entry], announce_existing: bool = False) -> list[Post]:
@@ -100,9 +101,15 @@ def record_entries(session: Session, entries: list[Entry], announce_existing: bo
         if entry.guid in known:
             continue
         known.add(entry.guid)
-        post = Post(guid=entry.guid, url=entry.url, title=entry.title, summary_html=entry.summary_html,
-                    published_at=entry.published_at, source="feed",
-                    announced_at=now if first_fetch and not announce_existing else None)
+        post = Post(
+            guid=entry.guid,
+            url=entry.url,
+            title=entry.title,
+            summary_html=entry.summary_html,
+            published_at=entry.published_at,
+            source="feed",
+            announced_at=now if first_fetch and not announce_existing else None,
+        )
         session.add(post)
         new.append(post)
     session.flush()

@@ -13,20 +13,32 @@ from __future__ import annotations
 import base64
 import enum
 import functools
+import io
 import ipaddress
 import logging
 import re
 import select
 import socket
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
-__all__ = ["Envelope", "MailerError", "Outcome", "Result", "SMTPConnection"]
+__all__ = [
+    "SECURITY_MODES",
+    "Envelope",
+    "MailerError",
+    "MemoryTransport",
+    "Outcome",
+    "Result",
+    "SMTPConnection",
+    "Transport",
+]
 
 log = logging.getLogger(__name__)
 
-_SECURITY_MODES = ("none", "starttls", "tls")
+SECURITY_MODES = ("none", "starttls", "tls")
 _MAX_LINE = 8192
 _BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
@@ -71,6 +83,41 @@ class MailerError(Exception):
     Raised for: cannot connect, TLS handshake or certificate failure, STARTTLS not offered
     when required, authentication refused, EHLO refused. str(e) is one line saying what to fix.
     """
+
+
+class Transport(Protocol):
+    """The way out for mail: send a batch of envelopes, get one Result each, in order.
+
+    `send` raises MailerError only when the server cannot be used at all; every other problem is a Result.
+    """
+
+    def send(self, envelopes: Sequence[Envelope]) -> list[Result]: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryTransport:
+    """A transport that keeps what it is given in memory, for tests that need no sockets.
+
+    REPLY decides each envelope's Result (default: accepted) and may raise MailerError to play a server
+    that cannot be reached. Several threads may share one.
+    """
+
+    def __init__(self, reply: Callable[[Envelope], Result] | None = None) -> None:
+        self.reply = reply or (lambda envelope: Result(Outcome.SENT, 250, "250 OK", "data"))
+        self.delivered: list[Envelope] = []
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def send(self, envelopes: Sequence[Envelope]) -> list[Result]:
+        results = [self.reply(envelope) for envelope in envelopes]
+        with self._lock:
+            self.delivered += [e for e, r in zip(envelopes, results, strict=True) if r.outcome is Outcome.SENT]
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed += 1
 
 
 class _Lost(Exception):
@@ -157,8 +204,8 @@ class SMTPConnection:
         ssl_context: ssl.SSLContext | None = None,
         helo_name: str | None = None,
     ) -> None:
-        if security not in _SECURITY_MODES:
-            raise ValueError(f"security must be one of {', '.join(_SECURITY_MODES)}, not {security!r}")
+        if security not in SECURITY_MODES:
+            raise ValueError(f"security must be one of {', '.join(SECURITY_MODES)}, not {security!r}")
         self.host = host
         self.port = port
         self.security = security
@@ -167,8 +214,8 @@ class SMTPConnection:
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.helo_name = helo_name
-        self._sock: socket.socket | None = None
-        self._rfile = None
+        self._sock: socket.socket | None = None  # both set while connected
+        self._rfile: io.BufferedReader | None = None
         self._extensions: dict[str, str] = {}
         self._need_rset = False
 
@@ -193,11 +240,14 @@ class SMTPConnection:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except socket.gaierror as exc:
-            raise MailerError(f"cannot resolve SMTP host {self.host!r}: {_describe(exc)}; "
-                              "check the host name") from None
+            raise MailerError(
+                f"cannot resolve SMTP host {self.host!r}: {_describe(exc)}; check the host name"
+            ) from None
         except OSError as exc:
-            raise MailerError(f"cannot connect to SMTP server {where}: {_describe(exc)}; "
-                              "check host, port and that the server is running") from None
+            raise MailerError(
+                f"cannot connect to SMTP server {where}: {_describe(exc)}; "
+                "check host, port and that the server is running"
+            ) from None
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -253,6 +303,7 @@ class SMTPConnection:
             code, text = self._command(b"STARTTLS\r\n")
             if code != 220:
                 raise MailerError(f"SMTP server {where} refused STARTTLS: {text}")
+            assert self._sock is not None and self._rfile is not None
             self._rfile.close()
             plain, self._sock, self._rfile = self._sock, None, None
             self._attach(self._wrap(plain))
@@ -261,6 +312,7 @@ class SMTPConnection:
             self._authenticate(where)
 
     def _greet(self, where: str) -> None:
+        assert self._sock is not None
         name = self.helo_name or _local_fqdn() or _address_literal(self._sock.getsockname()[0])
         if not name.isascii() or _BAD_ADDRESS.search(name) or " " in name:
             raise MailerError(f"helo_name {name!r} is not a valid host name; use the ASCII (IDNA) form")
@@ -277,14 +329,18 @@ class SMTPConnection:
         ehlo_text = _one_line(f"{code} " + " ".join(lines))
         code, text = self._command(b"HELO " + name.encode() + b"\r\n")
         if code != 250:
-            raise MailerError(f"SMTP server {where} refused EHLO ({ehlo_text}) and HELO ({text}) "
-                              f"for name {name!r}; set helo_name to a name the server accepts")
+            raise MailerError(
+                f"SMTP server {where} refused EHLO ({ehlo_text}) and HELO ({text}) "
+                f"for name {name!r}; set helo_name to a name the server accepts"
+            )
         self._extensions = {}
 
     def _authenticate(self, where: str) -> None:
         if "AUTH" not in self._extensions:
-            raise MailerError(f"SMTP server {where} does not offer AUTH (after TLS, if any); "
-                              "remove the username or enable authentication on the server")
+            raise MailerError(
+                f"SMTP server {where} does not offer AUTH (after TLS, if any); "
+                "remove the username or enable authentication on the server"
+            )
         mechanisms = self._extensions["AUTH"].upper().split()
         user = self.username.encode("utf-8")
         secret = self.password.encode("utf-8")
@@ -301,17 +357,20 @@ class SMTPConnection:
                 code, text = self._command(base64.b64encode(secret) + b"\r\n")
         else:
             offered = self._extensions["AUTH"] or "none"
-            raise MailerError(f"SMTP server {where} offers no supported AUTH mechanism "
-                              f"(offered: {offered}; supported: PLAIN, LOGIN)")
+            raise MailerError(
+                f"SMTP server {where} offers no supported AUTH mechanism (offered: {offered}; supported: PLAIN, LOGIN)"
+            )
         if code == 334:
             self._write(b"*\r\n")
             code, text = self._read_reply()
         if code != 235:
-            raise MailerError(f"SMTP server {where} refused authentication as {self.username!r}: {text}; "
-                              "check username and password")
+            raise MailerError(
+                f"SMTP server {where} refused authentication as {self.username!r}: {text}; check username and password"
+            )
 
     def _write(self, data: bytes) -> None:
         sock = self._sock
+        assert sock is not None
         sent = 0
         try:
             sent = sock.send(data)
@@ -323,6 +382,7 @@ class SMTPConnection:
             raise _Lost(f"write failed: {_describe(exc)}", sent=sent) from None
 
     def _readline(self) -> bytes:
+        assert self._rfile is not None
         try:
             line = self._rfile.readline(_MAX_LINE)
         except (OSError, ValueError) as exc:
@@ -374,6 +434,7 @@ class SMTPConnection:
         """Whether an idle connection has something unsolicited to read (a close or a 421)."""
         try:
             poller = select.poll()
+            assert self._sock is not None
             poller.register(self._sock, select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
@@ -396,6 +457,7 @@ class SMTPConnection:
         try:
             self._sock.settimeout(min(self.timeout, 5.0))
             self._write(b"QUIT\r\n")
+            assert self._rfile is not None
             self._rfile.readline(_MAX_LINE)
         except Exception:
             pass
@@ -423,7 +485,7 @@ class SMTPConnection:
             self._abort()
             self.open()
             self._run(self._prepare(envelopes, results), results, retry_stale=False)
-        return results  # type: ignore[return-value]
+        return cast(list[Result], results)  # _run has filled every slot
 
     def _prepare(self, envelopes: Sequence[Envelope], results: list[Result | None]) -> list[_Job]:
         eight_bit = b" BODY=8BITMIME" if "8BITMIME" in self._extensions else b""
@@ -487,8 +549,9 @@ class SMTPConnection:
                             pending = job
                         else:
                             results[job.index] = self._refusal(
-                                ("mail", mail_code, mail_text), ("rcpt", rcpt_code, rcpt_text),
-                                ("data", data_code, data_text)
+                                ("mail", mail_code, mail_text),
+                                ("rcpt", rcpt_code, rcpt_text),
+                                ("data", data_code, data_text),
                             )
                             rset = True
                             if data_code == 354:
@@ -528,8 +591,9 @@ class SMTPConnection:
             if inflight is not None and lost.sent is not None and lost.sent < len(inflight.payload):
                 inflight = None
             if retry_stale and fresh and inflight is None:
-                log.debug("reused connection to %s:%s failed at once (%s); reopening",
-                          self.host, self.port, lost.reason)
+                log.debug(
+                    "reused connection to %s:%s failed at once (%s); reopening", self.host, self.port, lost.reason
+                )
                 return False
             log.info("connection to %s:%s lost: %s", self.host, self.port, lost.reason)
             for job in jobs:

@@ -8,29 +8,32 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
-from typing import Callable
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from .config import Config
+from .text import header_text
 
 UNSUBSCRIBE_PLACEHOLDER = "@@unsubscribe-url@@"
 ENCODED_WORD_BYTES = 45  # base64 of 45 bytes is 60 characters: "=?utf-8?b?" + 60 + "?=" is 72
-MAX_SUBJECT = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 Render = Callable[..., str]
 
 
-def header_text(value: str, limit: int = MAX_SUBJECT) -> str:
-    """Make untrusted text safe for a header: one line, no controls, no encoded-word tricks."""
-    text = _CONTROL.sub(" ", value).replace("=?", "= ?")
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+class PostLike(Protocol):
+    """What a notification shows of a post."""
+
+    @property
+    def title(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def summary_html(self) -> str: ...
 
 
 def encoded_words(text: str, separator: str = "\r\n ") -> str:
@@ -91,7 +94,7 @@ def _qp_lines(text: str) -> list[tuple[bool, bytes | str]]:
         if UNSUBSCRIBE_PLACEHOLDER in line:
             parts.append((True, line))
         elif parts and not parts[-1][0]:
-            parts[-1] = (False, parts[-1][1] + _qp_line(line))  # type: ignore[operator]
+            parts[-1] = (False, cast(bytes, parts[-1][1]) + _qp_line(line))
         else:
             parts.append((False, _qp_line(line)))
     return parts
@@ -102,8 +105,13 @@ def _qp_line(line: str) -> bytes:
 
 
 def _fill(parts: list[tuple[bool, bytes | str]], unsubscribe_url: str | None) -> bytes:
-    return b"".join(_qp_line(part.replace(UNSUBSCRIBE_PLACEHOLDER, unsubscribe_url or ""))  # type: ignore[union-attr]
-                    if per_recipient else part for per_recipient, part in parts)  # type: ignore[misc]
+    # A part is the line itself (str) exactly when it is per-recipient, else its encoding (bytes): see _qp_lines.
+    return b"".join(
+        _qp_line(cast(str, part).replace(UNSUBSCRIBE_PLACEHOLDER, unsubscribe_url or ""))
+        if per_recipient
+        else cast(bytes, part)
+        for per_recipient, part in parts
+    )
 
 
 @dataclass(frozen=True)
@@ -120,18 +128,30 @@ class MessageTemplate:
     def render(self, recipient: str, message_id: str, unsubscribe_url: str | None = None) -> bytes:
         head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
         if unsubscribe_url is not None:
-            head += [_header("List-Unsubscribe", f"<{unsubscribe_url}>"),
-                     b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"]
+            head += [
+                _header("List-Unsubscribe", f"<{unsubscribe_url}>"),
+                b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+            ]
         b = self.boundary.encode()
-        return b"".join([
-            *head,
-            b'Content-Type: multipart/alternative; boundary="', b, b'"\r\n\r\n',
-            b"--", b, b'\r\nContent-Type: text/plain; charset="utf-8"\r\n'
-            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", _fill(self.text, unsubscribe_url),
-            b"--", b, b'\r\nContent-Type: text/html; charset="utf-8"\r\n'
-            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", _fill(self.html, unsubscribe_url),
-            b"--", b, b"--\r\n",
-        ])
+        return b"".join(
+            [
+                *head,
+                b'Content-Type: multipart/alternative; boundary="',
+                b,
+                b'"\r\n\r\n',
+                b"--",
+                b,
+                b'\r\nContent-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
+                _fill(self.text, unsubscribe_url),
+                b"--",
+                b,
+                b'\r\nContent-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
+                _fill(self.html, unsubscribe_url),
+                b"--",
+                b,
+                b"--\r\n",
+            ]
+        )
 
     def new_message_id(self) -> str:
         return make_msgid(domain=self.domain)
@@ -140,12 +160,14 @@ class MessageTemplate:
 def message_template(config: Config, subject: str, text: str, html: str, extra_headers: bytes = b"") -> MessageTemplate:
     sender = config.from_address
     sender_name = f"{_phrase(sender.display_name)} " if sender.display_name else ""
-    head = b"".join([
-        _header("From", f"{sender_name}<{sender.addr_spec}>"),
-        _unstructured("Subject", header_text(subject)),
-        _header("Date", format_datetime(datetime.now(timezone.utc))),
-        b"MIME-Version: 1.0\r\nAuto-Submitted: auto-generated\r\n",
-    ])
+    head = b"".join(
+        [
+            _header("From", f"{sender_name}<{sender.addr_spec}>"),
+            _unstructured("Subject", header_text(subject)),
+            _header("Date", format_datetime(datetime.now(UTC))),
+            b"MIME-Version: 1.0\r\nAuto-Submitted: auto-generated\r\n",
+        ]
+    )
     return MessageTemplate(
         sender=sender.addr_spec,
         domain=sender.domain,
@@ -156,17 +178,21 @@ def message_template(config: Config, subject: str, text: str, html: str, extra_h
     )
 
 
-def notification_template(config: Config, render: Render, post: object) -> MessageTemplate:
+def notification_template(config: Config, render: Render, post: PostLike) -> MessageTemplate:
     """The new-post email for every recipient; fill in with render(to, message_id, unsubscribe_url)."""
     context = {"post": post, "unsubscribe_url": UNSUBSCRIBE_PLACEHOLDER}
-    return message_template(config, post.title,  # type: ignore[attr-defined]
-                            render("email/notification.txt", **context),
-                            render("email/notification.html", **context),
-                            _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n")
+    return message_template(
+        config,
+        post.title,
+        render("email/notification.txt", **context),
+        render("email/notification.html", **context),
+        _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
+    )
 
 
 def single_message(config: Config, render: Render, name: str, subject: str, recipient: str, **context: object) -> bytes:
     """A one-off email (confirmation, welcome) from templates/email/NAME.{txt,html}."""
-    template = message_template(config, subject, render(f"email/{name}.txt", **context),
-                                render(f"email/{name}.html", **context))
+    template = message_template(
+        config, subject, render(f"email/{name}.txt", **context), render(f"email/{name}.html", **context)
+    )
     return template.render(recipient, template.new_message_id())

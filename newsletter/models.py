@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, text)
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -24,11 +39,11 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime")
-        return value.astimezone(timezone.utc) if value is not None else None
+        return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+            return value.replace(tzinfo=UTC)
         return value
 
 
@@ -50,10 +65,10 @@ class Subscriber(Base):
     email: Mapped[str] = mapped_column(String(320))
     email_key: Mapped[str] = mapped_column(String(320), unique=True)
     email_ascii: Mapped[str] = mapped_column(String(320))
-    status: Mapped[Status] = mapped_column(Enum(Status, native_enum=False, length=16,
-                                                values_callable=lambda e: [m.value for m in e]))
+    status: Mapped[Status] = mapped_column(
+        Enum(Status, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    )
     confirm_nonce: Mapped[str | None] = mapped_column(String(32))
-    confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     subscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     subscribed_ip: Mapped[str | None] = mapped_column(String(64))
@@ -65,8 +80,11 @@ class Subscriber(Base):
     unsubscribed_ip: Mapped[str | None] = mapped_column(String(64))
     unsubscribed_user_agent: Mapped[str | None] = mapped_column(String(512))
 
-    __table_args__ = (Index("ix_subscribers_status", "status"), Index("ix_subscribers_subscribed_at", "subscribed_at"),
-                      {"sqlite_autoincrement": True})
+    __table_args__ = (
+        Index("ix_subscribers_status", "status"),
+        Index("ix_subscribers_subscribed_at", "subscribed_at"),
+        {"sqlite_autoincrement": True},
+    )
 
 
 class Post(Base):
@@ -112,18 +130,27 @@ class Delivery(Base):
     subscriber_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[DeliveryStatus] = mapped_column(
         Enum(DeliveryStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=DeliveryStatus.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+        default=DeliveryStatus.PENDING,
+    )
     error: Mapped[str | None] = mapped_column(String(1024))
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claimed_by: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         UniqueConstraint("post_id", "subscriber_id", name="uq_deliveries_post_subscriber"),
-        Index("ix_deliveries_pending", "post_id", "id", sqlite_where=text("status = 'pending'"),
-              postgresql_where=text("status = 'pending'")),
-        Index("ix_deliveries_sending", "claimed_by", sqlite_where=text("status = 'sending'"),
-              postgresql_where=text("status = 'sending'")),
+        Index(
+            "ix_deliveries_pending",
+            "post_id",
+            "id",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_deliveries_sending",
+            "claimed_by",
+            sqlite_where=text("status = 'sending'"),
+            postgresql_where=text("status = 'sending'"),
+        ),
         Index("ix_deliveries_subscriber", "subscriber_id"),
     )
 
@@ -146,8 +173,12 @@ class Signup(Base):
 
     __table_args__ = (
         Index("ix_signups_ip_received_at", "ip", "received_at"),
-        Index("ix_signups_unprocessed", "id", sqlite_where=text("processed_at IS NULL"),
-              postgresql_where=text("processed_at IS NULL")),
+        Index(
+            "ix_signups_unprocessed",
+            "id",
+            sqlite_where=text("processed_at IS NULL"),
+            postgresql_where=text("processed_at IS NULL"),
+        ),
     )
 
 
@@ -182,3 +213,12 @@ class Confirmation(Base):
     throttle_key: Mapped[str] = mapped_column(String(320), index=True)
     subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"), index=True)
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# The Core tables, for statements written without the ORM. Typed as Table: mypy sees a model's __table__
+# only as a FromClause, which update(), insert(), delete() and db.claim() do not accept.
+SUBSCRIBERS = cast(Table, Subscriber.__table__)
+DELIVERIES = cast(Table, Delivery.__table__)
+SIGNUPS = cast(Table, Signup.__table__)
+OUTBOX = cast(Table, OutboxMessage.__table__)
+CONFIRMATIONS = cast(Table, Confirmation.__table__)

@@ -1,28 +1,30 @@
-"""Deliver the one-off emails (confirmation, welcome) waiting in the outbox table."""
+"""Deliver the one-off emails (confirmation, welcome) waiting in the outbox table.
+
+A batch is claimed with a lease (next_attempt_at moves 5 minutes ahead), so a worker that dies mid-batch
+leaves its rows to be taken again once the lease ends; several workers may run at once. A refusal (5xx)
+fails the email; a temporary failure (4xx, dropped connection) tries again later on a growing schedule,
+for up to two days.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
-from .app import Newsletter
-from .config import SMTPConfig
-from .mailer import Envelope, MailerError, Outcome, SMTPConnection
-from .models import OutboxMessage, utcnow
-from .signing import load_signer
-from .subscriptions import signups_in_last_hour
+from . import db
+from .mailer import Envelope, MailerError, Outcome, Result
+from .models import OUTBOX, utcnow
+from .runtime import Newsletter
 
 LEASE = timedelta(minutes=5)
-RETRY_DELAYS = [timedelta(minutes=m) for m in (1, 5, 15, 30, 60, 120, 240)]
+RETRY_SCHEDULE = [timedelta(minutes=m) for m in (1, 5, 15, 30, 60, 120, 240)]
 GIVE_UP_AFTER = timedelta(days=2)
 BATCH = 50
-
-
-def smtp_connection(smtp: SMTPConfig) -> SMTPConnection:
-    return SMTPConnection(smtp.host, smtp.port, security=smtp.security, username=smtp.username,
-                          password=smtp.password, timeout=float(smtp.timeout))
+COLUMNS = (OUTBOX.c.id, OUTBOX.c.sender, OUTBOX.c.recipient, OUTBOX.c.message, OUTBOX.c.created_at, OUTBOX.c.attempts)
 
 
 @dataclass
@@ -35,67 +37,59 @@ class OutboxReport:
 def deliver_outbox(nl: Newsletter) -> OutboxReport:
     """Send every outbox message that is due; raises MailerError when the SMTP server cannot be used."""
     report = OutboxReport()
-    sign = load_signer(nl.config)
-    release_held(nl)
-    connection = smtp_connection(nl.config.smtp)
+    transport = nl.transport()
     try:
         while batch := _claim(nl):
             try:
-                results = connection.send([Envelope(m.sender, m.recipient, sign(m.message) if sign else m.message)
-                                           for m in batch])
+                results = transport.send([Envelope(m.sender, m.recipient, m.message) for m in batch])
             except MailerError:
                 _release(nl, [m.id for m in batch])
                 raise
             _record(nl, batch, results, report)
     finally:
-        connection.close()
+        transport.close()
     return report
 
 
-def release_held(nl: Newsletter) -> int:
-    """Let held confirmation emails go once sign-ups are back under [web] signup_ceiling an hour."""
-    with nl.sessions.begin() as session:
-        if signups_in_last_hour(session) > nl.config.web.signup_ceiling:
-            return 0
-        return session.execute(update(OutboxMessage).where(OutboxMessage.held.is_(True))
-                               .values(held=False)).rowcount
-
-
-def _claim(nl: Newsletter) -> list[OutboxMessage]:
+def _claim(nl: Newsletter) -> list[Row[*tuple[Any, ...]]]:
     now = utcnow()
-    with nl.sessions.begin() as session:
-        due = (select(OutboxMessage.id)
-               .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None),
-                      OutboxMessage.held.is_(False), OutboxMessage.next_attempt_at <= now)
-               .order_by(OutboxMessage.id).limit(BATCH))
-        if session.bind.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        ids = list(session.scalars(due))
-        if not ids:
-            return []
-        session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(ids))
-                        .values(next_attempt_at=now + LEASE, attempts=OutboxMessage.attempts + 1))
-        return list(session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(ids))
-                                    .order_by(OutboxMessage.id)))
+    due = (
+        select(OUTBOX.c.id)
+        .where(
+            OUTBOX.c.sent_at.is_(None),
+            OUTBOX.c.failed_at.is_(None),
+            OUTBOX.c.held.is_(False),
+            OUTBOX.c.next_attempt_at <= now,
+        )
+        .order_by(OUTBOX.c.id)
+        .limit(BATCH)
+    )
+    with nl.engine.begin() as conn:
+        return db.claim(conn, OUTBOX, due, {"next_attempt_at": now + LEASE}, COLUMNS)
 
 
 def _release(nl: Newsletter, ids: list[int]) -> None:
-    with nl.sessions.begin() as session:
-        session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(ids))
-                        .values(next_attempt_at=utcnow(), attempts=OutboxMessage.attempts - 1))
+    with nl.engine.begin() as conn:
+        conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_(ids)).values(next_attempt_at=utcnow()))
 
 
-def _record(nl: Newsletter, batch: list[OutboxMessage], results: list, report: OutboxReport) -> None:
+def _record(
+    nl: Newsletter, batch: list[Row[*tuple[Any, ...]]], results: Sequence[Result], report: OutboxReport
+) -> None:
     now = utcnow()
-    with nl.sessions.begin() as session:
-        for message, result in zip(batch, results):
+    with nl.engine.begin() as conn:
+        for message, result in zip(batch, results, strict=True):
             values: dict[str, object]
             if result.outcome is Outcome.SENT:
                 values, report.sent = {"sent_at": now, "error": None}, report.sent + 1
             elif result.outcome is Outcome.FAILED or now - message.created_at > GIVE_UP_AFTER:
                 values, report.failed = {"failed_at": now, "error": result.reply[:1024]}, report.failed + 1
             else:
-                delay = RETRY_DELAYS[min(message.attempts, len(RETRY_DELAYS)) - 1]
-                values = {"next_attempt_at": now + delay, "error": result.reply[:1024]}
+                delay = RETRY_SCHEDULE[min(message.attempts, len(RETRY_SCHEDULE) - 1)]
+                values = {
+                    "next_attempt_at": now + delay,
+                    "error": result.reply[:1024],
+                    "attempts": message.attempts + 1,
+                }
                 report.deferred += 1
-            session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id).values(**values))
+            conn.execute(update(OUTBOX).where(OUTBOX.c.id == message.id).values(**values))

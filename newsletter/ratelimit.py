@@ -9,9 +9,7 @@ from __future__ import annotations
 from limits import parse_many
 from sqlalchemy import ColumnElement, Connection, Float, String, and_, bindparam, func, select
 
-from .models import Signup
-
-SIGNUPS = Signup.__table__
+from .models import SIGNUPS
 
 
 class SignupLimit:
@@ -34,16 +32,27 @@ class SignupLimit:
     def admits(self) -> ColumnElement[bool]:
         """True when the client at bind parameter `ip` may sign up at `now`."""
         ip, now = bindparam("ip", type_=String()), bindparam("now", type_=Float())
-        return and_(*(select(func.count()).where(SIGNUPS.c.ip == ip, SIGNUPS.c.received_at > now - item.get_expiry())
-                      .scalar_subquery() < item.amount for item in self.items))
+        return and_(
+            *(
+                select(func.count())
+                .where(SIGNUPS.c.ip == ip, SIGNUPS.c.received_at > now - item.get_expiry())
+                .scalar_subquery()
+                < item.amount
+                for item in self.items
+            )
+        )
 
     def wait(self, conn: Connection, ip: str, now: float) -> float:
         """Seconds until the client at IP may sign up again."""
         wait = 0.0
         for item in self.items:
             window = item.get_expiry()
-            recent = (select(SIGNUPS.c.received_at).where(SIGNUPS.c.ip == ip, SIGNUPS.c.received_at > now - window)
-                      .order_by(SIGNUPS.c.received_at.desc()).limit(item.amount))
+            recent = (
+                select(SIGNUPS.c.received_at)
+                .where(SIGNUPS.c.ip == ip, SIGNUPS.c.received_at > now - window)
+                .order_by(SIGNUPS.c.received_at.desc())
+                .limit(item.amount)
+            )
             times = conn.scalars(recent).all()
             if len(times) >= item.amount:
                 wait = max(wait, times[-1] + window - now)

@@ -5,14 +5,37 @@ from __future__ import annotations
 import html as htmllib
 import re
 from html.parser import HTMLParser
-
 from urllib.parse import urljoin
 
 import nh3
 
 ALLOWED_TAGS = {
-    "a", "abbr", "b", "blockquote", "br", "code", "em", "figcaption", "h2", "h3", "h4", "hr", "i",
-    "img", "li", "ol", "p", "pre", "q", "s", "small", "strong", "sub", "sup", "u", "ul",
+    "a",
+    "abbr",
+    "b",
+    "blockquote",
+    "br",
+    "code",
+    "em",
+    "figcaption",
+    "h2",
+    "h3",
+    "h4",
+    "hr",
+    "i",
+    "img",
+    "li",
+    "ol",
+    "p",
+    "pre",
+    "q",
+    "s",
+    "small",
+    "strong",
+    "sub",
+    "sup",
+    "u",
+    "ul",
 }
 ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "img": {"src", "alt", "width", "height"}, "abbr": {"title"}}
 BLOCKS = {"p", "div", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "figure", "hr", "table"}
@@ -24,12 +47,19 @@ def clean_html(fragment: str, base_url: str | None = None) -> str:
     Relative links and image sources are made absolute against BASE_URL, since an email has no page to be
     relative to.
     """
+
     def absolute(tag: str, attribute: str, value: str) -> str:
         return urljoin(base_url, value) if base_url and attribute in ("href", "src") else value
 
-    return nh3.clean(fragment, tags=ALLOWED_TAGS, attributes=ALLOWED_ATTRIBUTES, attribute_filter=absolute,
-                     url_schemes={"http", "https", "mailto"}, link_rel="noopener noreferrer",
-                     clean_content_tags={"script", "style", "noscript", "template", "iframe", "object"}).strip()
+    return nh3.clean(
+        fragment,
+        tags=ALLOWED_TAGS,
+        attributes=ALLOWED_ATTRIBUTES,
+        attribute_filter=absolute,
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener noreferrer",
+        clean_content_tags={"script", "style", "noscript", "template", "iframe", "object"},
+    ).strip()
 
 
 class _TextWriter(HTMLParser):

@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,42 @@ def listen(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=1024)
 
 
-def serve_forked(app: Callable, sock: socket.socket, processes: int, threads: int,
-                 background: Callable[[], None] | None = None, after_fork: Callable[[], None] | None = None) -> None:
+def serve(
+    app: Callable,
+    sock: socket.socket,
+    processes: int,
+    threads: int,
+    background: Callable[[threading.Event], None] | None = None,
+    after_fork: Callable[[], None] | None = None,
+) -> None:
+    """Serve APP on SOCK until interrupted, from PROCESSES forked processes or, with 1, from this one.
+
+    BACKGROUND (such as the worker) runs beside the web, in a process or a thread of its own; it is given
+    an event that is set when it should stop.
+    """
+    stop = threading.Event()
+    if processes > 1:
+        job = (lambda: background(stop)) if background is not None else None
+        serve_forked(app, sock, processes, threads, background=job, after_fork=after_fork)
+        return
+    from waitress import serve as waitress_serve
+
+    if background is not None:
+        threading.Thread(target=background, args=(stop,), name="worker", daemon=True).start()
+    try:
+        waitress_serve(app, sockets=[sock], threads=threads, _quiet=True, **WAITRESS_OPTIONS)
+    finally:
+        stop.set()
+
+
+def serve_forked(
+    app: Callable,
+    sock: socket.socket,
+    processes: int,
+    threads: int,
+    background: Callable[[], None] | None = None,
+    after_fork: Callable[[], None] | None = None,
+) -> None:
     """Serve APP on SOCK from PROCESSES child processes until interrupted.
 
     AFTER_FORK runs first in every child (for example to drop inherited database connections). Fork
@@ -65,7 +99,7 @@ def serve_forked(app: Callable, sock: socket.socket, processes: int, threads: in
                 if after_fork:
                     after_fork()
                 jobs[name]()
-            except BaseException:  # noqa: BLE001 - the parent reports the exit and starts another
+            except BaseException:
                 log.exception("%s failed", name)
                 status = 1
             finally:
@@ -84,8 +118,9 @@ def serve_forked(app: Callable, sock: socket.socket, processes: int, threads: in
         while True:
             pid, status = os.wait()
             name, started = children.pop(pid)
-            log.warning("%s (pid %d) exited with status %d; starting another", name, pid,
-                        os.waitstatus_to_exitcode(status))
+            log.warning(
+                "%s (pid %d) exited with status %d; starting another", name, pid, os.waitstatus_to_exitcode(status)
+            )
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)  # it is failing at start: do not spin
             start(name)

@@ -2,8 +2,8 @@
 
 Signing is on when `[dkim] selector` and `[dkim] private_key_file` are set; `[dkim] domain` defaults to
 the domain of `[smtp] from`, so the signature aligns with From for DMARC. `load_signer` reads and checks
-the key (at start-up, then once per post sent and per outbox run); each message then costs one RSA
-signature, done in pure Python by dkimpy (several milliseconds for a 2048-bit key).
+the key once per process (`Newsletter.signer`); each message then costs one RSA signature, done in pure
+Python by dkimpy (several milliseconds for a 2048-bit key).
 
 Messages are signed when they go out, not when they are rendered: the outbox keeps unsigned bytes, so
 emails queued before DKIM was set up, or before a key change, go out signed with the current key.
@@ -18,20 +18,34 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from .config import Config, ConfigError
+from .mailer import Envelope, Result, Transport
 
 # Header fields signed when present, in the order they are listed in h=.
-SIGNED_HEADERS = ("from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post",
-                  "list-id", "mime-version", "content-type", "auto-submitted")
+SIGNED_HEADERS = (
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-id",
+    "mime-version",
+    "content-type",
+    "auto-submitted",
+)
 # Signed one extra time (RFC 6376 section 5.4.2), so that adding another instance breaks the signature.
 OVERSIGNED_HEADERS = ("from", "list-unsubscribe", "list-unsubscribe-post")
 MIN_KEY_BITS = 1024  # RFC 8301: verifiers must reject shorter RSA keys
-_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$")
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +61,15 @@ class Signer:
 
     def __call__(self, message: bytes) -> bytes:
         include = _headers_to_sign(message)
-        signature = self._sign(message, self.selector.encode("ascii"), self.domain.encode("ascii"), self._key,
-                                canonicalize=(b"relaxed", b"relaxed"), include_headers=include, linesep=b"\r\n")
+        signature = self._sign(
+            message,
+            self.selector.encode("ascii"),
+            self.domain.encode("ascii"),
+            self._key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=include,
+            linesep=b"\r\n",
+        )
         return signature + message
 
     @property
@@ -59,6 +80,19 @@ class Signer:
     def dns_record(self) -> str:
         """The TXT record to publish at dns_name."""
         return "v=DKIM1; k=rsa; p=" + base64.b64encode(self.public_key).decode("ascii")
+
+
+class SigningTransport:
+    """Signs every message on its way into another transport."""
+
+    def __init__(self, inner: Transport, signer: Signer) -> None:
+        self.inner, self.signer = inner, signer
+
+    def send(self, envelopes: Sequence[Envelope]) -> list[Result]:
+        return self.inner.send([replace(e, data=self.signer(e.data)) for e in envelopes])
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def dkim_enabled(config: Config) -> bool:
@@ -80,8 +114,10 @@ def load_signer(config: Config) -> Signer | None:
     where = config.source
     if not dkim_enabled(config):
         if config.dkim.domain:
-            raise ConfigError(f"{where}: [dkim] domain is set but [dkim] selector and private_key_file are "
-                              "empty; set both to sign with DKIM, or remove [dkim] domain")
+            raise ConfigError(
+                f"{where}: [dkim] domain is set but [dkim] selector and private_key_file are "
+                "empty; set both to sign with DKIM, or remove [dkim] domain"
+            )
         return None
     import dkim  # only when signing: dkimpy loads dnspython, which every command would pay for
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -89,38 +125,49 @@ def load_signer(config: Config) -> Signer | None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     if not selector:
-        raise ConfigError(f"{where}: [dkim] selector is empty but [dkim] private_key_file is set; set the "
-                          "selector whose DNS record holds the public key, or remove private_key_file")
+        raise ConfigError(
+            f"{where}: [dkim] selector is empty but [dkim] private_key_file is set; set the "
+            "selector whose DNS record holds the public key, or remove private_key_file"
+        )
     if not key_file:
-        raise ConfigError(f"{where}: [dkim] private_key_file is empty but [dkim] selector is set; name the "
-                          "PEM file of the private key, or remove the selector")
+        raise ConfigError(
+            f"{where}: [dkim] private_key_file is empty but [dkim] selector is set; name the "
+            "PEM file of the private key, or remove the selector"
+        )
     if not _DNS_NAME.match(selector):
-        raise ConfigError(f"{where}: [dkim] selector must be a DNS label like \"news2026\", not {selector!r}")
+        raise ConfigError(f'{where}: [dkim] selector must be a DNS label like "news2026", not {selector!r}')
     domain = signing_domain(config)
     if not _DNS_NAME.match(domain) or "." not in domain:
-        raise ConfigError(f"{where}: [dkim] domain must be a domain name like \"example.com\", not {domain!r}")
+        raise ConfigError(f'{where}: [dkim] domain must be a domain name like "example.com", not {domain!r}')
     path = Path(key_file)
     try:
         path = path.expanduser()
         pem = path.read_bytes().replace(b"\r\n", b"\n")
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r}: cannot read it "
-                          f"({getattr(exc, 'strerror', None) or exc}); check the path and its permissions") from None
+        raise ConfigError(
+            f"{where}: [dkim] private_key_file {str(path)!r}: cannot read it "
+            f"({getattr(exc, 'strerror', None) or exc}); check the path and its permissions"
+        ) from None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r} is not a usable unencrypted PEM "
-                          f"RSA private key ({reason}); create one with: openssl genrsa -out dkim.pem 2048") \
-            from None
+        raise ConfigError(
+            f"{where}: [dkim] private_key_file {str(path)!r} is not a usable unencrypted PEM "
+            f"RSA private key ({reason}); create one with: openssl genrsa -out dkim.pem 2048"
+        ) from None
     if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < MIN_KEY_BITS:
         found = f"a {key.key_size}-bit RSA key" if isinstance(key, rsa.RSAPrivateKey) else "not an RSA key"
-        raise ConfigError(f"{where}: [dkim] private_key_file {str(path)!r} holds {found}; receivers need RSA of "
-                          f"at least {MIN_KEY_BITS} bits; create one with: openssl genrsa -out dkim.pem 2048")
-    public_key = key.public_key().public_bytes(serialization.Encoding.DER,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    return Signer(selector=selector, domain=domain, key_bits=key.key_size, public_key=public_key, _key=pem,
-                  _sign=dkim.sign)
+        raise ConfigError(
+            f"{where}: [dkim] private_key_file {str(path)!r} holds {found}; receivers need RSA of "
+            f"at least {MIN_KEY_BITS} bits; create one with: openssl genrsa -out dkim.pem 2048"
+        )
+    public_key = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return Signer(
+        selector=selector, domain=domain, key_bits=key.key_size, public_key=public_key, _key=pem, _sign=dkim.sign
+    )
 
 
 def _headers_to_sign(message: bytes) -> list[bytes]:
@@ -132,8 +179,8 @@ def _headers_to_sign(message: bytes) -> list[bytes]:
             name = line.partition(b":")[0].strip().lower()
             counts[name] = counts.get(name, 0) + 1
     include: list[bytes] = []
-    for name in SIGNED_HEADERS:
-        count = counts.get(name.encode("ascii"), 0)
+    for header in SIGNED_HEADERS:
+        count = counts.get(header.encode("ascii"), 0)
         if count:
-            include += [name.encode("ascii")] * (count + (name in OVERSIGNED_HEADERS))
+            include += [header.encode("ascii")] * (count + (header in OVERSIGNED_HEADERS))
     return include

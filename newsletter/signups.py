@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, Float, String, bindparam, delete, insert, select, update
 
 from . import db
-from .app import Newsletter
-from .models import Signup
+from .models import SIGNUPS
 from .ratelimit import SignupLimit
-from .subscriptions import InvalidAddress, Requester, clean_field, subscribe
+from .runtime import Newsletter
+from .subscriptions import InvalidAddress, Requester, subscribe
+from .text import clean_field
 
 log = logging.getLogger(__name__)
-
-SIGNUPS = Signup.__table__
 
 
 class SignupLog:
@@ -27,10 +26,16 @@ class SignupLog:
     def __init__(self, engine: Engine, limit: SignupLimit) -> None:
         self.engine, self.limit = engine, limit
         self._writes = db.HotPath(engine)
-        values = select(bindparam("email", type_=String()), bindparam("ip", type_=String()),
-                        bindparam("user_agent", type_=String()), bindparam("now", type_=Float()))
-        self._add = db.DriverStatement(engine, insert(SIGNUPS).from_select(
-            ["email", "ip", "user_agent", "received_at"], values.where(limit.admits())))
+        values = select(
+            bindparam("email", type_=String()),
+            bindparam("ip", type_=String()),
+            bindparam("user_agent", type_=String()),
+            bindparam("now", type_=Float()),
+        )
+        self._add = db.DriverStatement(
+            engine,
+            insert(SIGNUPS).from_select(["email", "ip", "user_agent", "received_at"], values.where(limit.admits())),
+        )
 
     def add(self, address: str, requester: Requester) -> float | None:
         """Add a sign-up for an address that passed subscriptions.normalize, within [web] rate_limit.
@@ -49,12 +54,12 @@ class SignupLog:
 def process_signups(nl: Newsletter) -> int:
     """Record every new sign-up, oldest first, one transaction each; returns how many.
 
-    Needs an app context (it renders emails). Several workers may run at once: on PostgreSQL each skips
-    the sign-ups another has locked, and on SQLite transactions take turns.
+    Several workers may run at once: on PostgreSQL each skips the sign-ups another has locked, and on
+    SQLite transactions take turns.
     """
-    claim = select(SIGNUPS).where(SIGNUPS.c.processed_at.is_(None)).order_by(SIGNUPS.c.id).limit(1)
-    if nl.engine.dialect.name == "postgresql":
-        claim = claim.with_for_update(skip_locked=True)
+    claim = db.skip_locked(
+        select(SIGNUPS).where(SIGNUPS.c.processed_at.is_(None)).order_by(SIGNUPS.c.id).limit(1), nl.engine
+    )
     done = 0
     while True:
         with nl.sessions.begin() as session:
@@ -62,8 +67,13 @@ def process_signups(nl: Newsletter) -> int:
             if signup is None:
                 return done
             try:
-                subscribe(session, nl, signup.email, Requester(signup.ip or None, signup.user_agent),
-                          at=datetime.fromtimestamp(signup.received_at, timezone.utc))
+                subscribe(
+                    session,
+                    nl,
+                    signup.email,
+                    Requester(signup.ip or None, signup.user_agent),
+                    at=datetime.fromtimestamp(signup.received_at, UTC),
+                )
             except InvalidAddress as exc:
                 log.warning("sign-up %d dropped: %s", signup.id, exc)
             session.execute(update(SIGNUPS).where(SIGNUPS.c.id == signup.id).values(processed_at=time.time()))
@@ -73,5 +83,9 @@ def process_signups(nl: Newsletter) -> int:
 def forget_old(nl: Newsletter) -> None:
     """Delete processed sign-ups that [web] rate_limit no longer looks back at."""
     with nl.engine.begin() as conn:
-        conn.execute(delete(SIGNUPS).where(SIGNUPS.c.processed_at.is_not(None),
-                                           SIGNUPS.c.received_at < time.time() - nl.signups.limit.longest))
+        conn.execute(
+            delete(SIGNUPS).where(
+                SIGNUPS.c.processed_at.is_not(None),
+                SIGNUPS.c.received_at < time.time() - SignupLimit(nl.config.web.rate_limit).longest,
+            )
+        )

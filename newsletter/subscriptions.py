@@ -1,29 +1,25 @@
-"""What happens to a subscriber: subscribe, confirm, unsubscribe, add and remove by hand."""
+"""What a reader does: sign up, confirm, unsubscribe; and the confirmation emails that go with it.
+
+The owner's side (add, remove, import, export) is in roster.py."""
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
-from flask import render_template
-from sqlalchemy import Connection, delete, func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import db
-from .app import Newsletter
 from .messages import single_message
-from .models import Confirmation, Delivery, OutboxMessage, Status, Subscriber, utcnow
+from .models import CONFIRMATIONS, OUTBOX, SUBSCRIBERS, Status, Subscriber, utcnow
+from .runtime import Newsletter
+from .text import clean_field
 
 CONFIRM_RESEND_INTERVAL = timedelta(minutes=10)
 CONFIRMATIONS_PER_DAY = 3
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-SUBSCRIBERS = Subscriber.__table__
-CONFIRMATIONS = Confirmation.__table__
-OUTBOX = OutboxMessage.__table__
 MAX_ADDRESS_LENGTH = 254
 
 
@@ -59,31 +55,6 @@ def email_key(validated: ValidatedEmail) -> str:
     return validated.normalized.lower()
 
 
-def find(session: Session, raw: str) -> Subscriber | None:
-    return session.scalar(select(Subscriber).where(Subscriber.email_key == email_key(normalize(raw))))
-
-
-def _get_or_create(session: Session, validated: ValidatedEmail, status: Status) -> tuple[Subscriber, bool]:
-    """The subscriber row for an address, created if new; safe when two requests race."""
-    key = email_key(validated)
-    existing = session.scalar(select(Subscriber).where(Subscriber.email_key == key))
-    if existing is not None:
-        return existing, False
-    subscriber = Subscriber(email=validated.normalized, email_key=key,
-                            email_ascii=validated.ascii_email or validated.normalized, status=status)
-    try:
-        with session.begin_nested():
-            session.add(subscriber)
-    except IntegrityError:
-        return session.scalars(select(Subscriber).where(Subscriber.email_key == key)).one(), False
-    return subscriber, True
-
-
-def clean_field(value: str | None, length: int) -> str | None:
-    """VALUE cut to LENGTH, without control characters (NUL cannot be stored by PostgreSQL)."""
-    return _CONTROL.sub("", value)[:length] or None if value else None
-
-
 def throttle_key(validated: ValidatedEmail) -> str:
     """The address as bombers vary it: case and +tags folded together. Used only for counting."""
     local = validated.local_part.split("+", 1)[0].lower()
@@ -92,21 +63,32 @@ def throttle_key(validated: ValidatedEmail) -> str:
 
 def _may_send_confirmation(conn: Connection, key: str) -> bool:
     """At most CONFIRMATIONS_PER_DAY per address a day, spaced CONFIRM_RESEND_INTERVAL apart."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+    db.advisory_xact_lock(conn, key)
     now = utcnow()
-    recent = conn.scalars(select(CONFIRMATIONS.c.sent_at).where(
-        CONFIRMATIONS.c.throttle_key == key, CONFIRMATIONS.c.sent_at > now - timedelta(days=1))).all()
+    recent = conn.scalars(
+        select(CONFIRMATIONS.c.sent_at).where(
+            CONFIRMATIONS.c.throttle_key == key, CONFIRMATIONS.c.sent_at > now - timedelta(days=1)
+        )
+    ).all()
     return len(recent) < CONFIRMATIONS_PER_DAY and all(now - sent >= CONFIRM_RESEND_INTERVAL for sent in recent)
 
 
 def signups_in_last_hour(conn: Session | Connection, at_most: int | None = None) -> int:
     """Unconfirmed sign-ups of the last hour, counted up to AT_MOST when given."""
-    recent = select(SUBSCRIBERS.c.id).where(SUBSCRIBERS.c.status == Status.UNCONFIRMED,
-                                            SUBSCRIBERS.c.subscribed_at > utcnow() - timedelta(hours=1))
+    recent = select(SUBSCRIBERS.c.id).where(
+        SUBSCRIBERS.c.status == Status.UNCONFIRMED, SUBSCRIBERS.c.subscribed_at > utcnow() - timedelta(hours=1)
+    )
     if at_most is not None:
         recent = recent.limit(at_most)
     return conn.scalar(select(func.count()).select_from(recent.subquery())) or 0
+
+
+def release_held(nl: Newsletter) -> int:
+    """Let held confirmation emails go once sign-ups are back under [web] signup_ceiling an hour."""
+    with nl.engine.begin() as conn:
+        if signups_in_last_hour(conn) > nl.config.web.signup_ceiling:
+            return 0
+        return conn.execute(update(OUTBOX).where(OUTBOX.c.held.is_(True)).values(held=False)).rowcount
 
 
 def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, at: datetime | None = None) -> None:
@@ -119,17 +101,29 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, 
     validated = normalize(raw)
     conn = session.connection()
     now = utcnow()
-    seen = {"status": Status.UNCONFIRMED, "subscribed_at": at or now, "subscribed_ip": clean_field(requester.ip, 64),
-            "subscribed_user_agent": clean_field(requester.user_agent, 512)}
+    seen = {
+        "status": Status.UNCONFIRMED,
+        "subscribed_at": at or now,
+        "subscribed_ip": clean_field(requester.ip, 64),
+        "subscribed_user_agent": clean_field(requester.user_agent, 512),
+    }
     key = email_key(validated)
     subscriber_id = conn.scalar(
         db.insert_for(conn)(SUBSCRIBERS)
-        .values(email=validated.normalized, email_key=key, email_ascii=validated.ascii_email or validated.normalized,
-                created_at=now, **seen)
-        .on_conflict_do_nothing(index_elements=[SUBSCRIBERS.c.email_key]).returning(SUBSCRIBERS.c.id))
+        .values(
+            email=validated.normalized,
+            email_key=key,
+            email_ascii=validated.ascii_email or validated.normalized,
+            created_at=now,
+            **seen,
+        )
+        .on_conflict_do_nothing(index_elements=[SUBSCRIBERS.c.email_key])
+        .returning(SUBSCRIBERS.c.id)
+    )
     if subscriber_id is None:
-        subscriber_id, status = conn.execute(select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.status)
-                                             .where(SUBSCRIBERS.c.email_key == key)).one()
+        subscriber_id, status = conn.execute(
+            select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.status).where(SUBSCRIBERS.c.email_key == key)
+        ).one()
         if status in (Status.CONFIRMED, Status.BOUNCED):
             return
         conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(**seen))
@@ -137,15 +131,20 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, 
     if not _may_send_confirmation(conn, throttle):
         return
     nonce = secrets.token_urlsafe(12)
-    conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id)
-                 .values(confirm_nonce=nonce, confirm_sent_at=now))
+    conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(confirm_nonce=nonce))
     conn.execute(insert(CONFIRMATIONS).values(throttle_key=throttle, subscriber_id=subscriber_id, sent_at=now))
     ceiling = nl.config.web.signup_ceiling
-    queue_email(conn, nl, subscriber_id, validated.ascii_email or validated.normalized, "confirmation",
-                f"Confirm your subscription to {nl.config.site.name}",
-                held=signups_in_last_hour(conn, at_most=ceiling + 1) > ceiling,
-                confirm_url=nl.confirm_url(subscriber_id, nonce),
-                max_age_hours=nl.config.security.confirm_max_age_hours)
+    queue_email(
+        conn,
+        nl,
+        subscriber_id,
+        validated.ascii_email or validated.normalized,
+        "confirmation",
+        f"Confirm your subscription to {nl.config.site.name}",
+        held=signups_in_last_hour(conn, at_most=ceiling + 1) > ceiling,
+        confirm_url=nl.confirm_url(subscriber_id, nonce),
+        max_age_hours=nl.config.security.confirm_max_age_hours,
+    )
 
 
 def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester: Requester) -> None:
@@ -154,8 +153,15 @@ def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester:
     subscriber.confirmed_at = utcnow()
     subscriber.confirmed_ip = clean_field(requester.ip, 64)
     subscriber.confirmed_user_agent = clean_field(requester.user_agent, 512)
-    queue_email(session, nl, subscriber.id, subscriber.email_ascii, "welcome",
-                f"You're subscribed to {nl.config.site.name}", unsubscribe_url=nl.unsubscribe_url(subscriber.id))
+    queue_email(
+        session,
+        nl,
+        subscriber.id,
+        subscriber.email_ascii,
+        "welcome",
+        f"You're subscribed to {nl.config.site.name}",
+        unsubscribe_url=nl.unsubscribe_url(subscriber.id),
+    )
 
 
 def unsubscribe(subscriber: Subscriber, requester: Requester) -> bool:
@@ -170,73 +176,28 @@ def unsubscribe(subscriber: Subscriber, requester: Requester) -> bool:
     return True
 
 
-def add(session: Session, raw: str, confirmed: bool, requester: Requester) -> tuple[Subscriber, bool]:
-    """An address added by the owner; returns (subscriber, created)."""
-    subscriber, created = _get_or_create(session, normalize(raw), Status.UNCONFIRMED)
+def queue_email(
+    conn: Session | Connection,
+    nl: Newsletter,
+    subscriber_id: int,
+    recipient: str,
+    kind: str,
+    subject: str,
+    held: bool = False,
+    **context: object,
+) -> None:
+    message = single_message(nl.config, nl.render, kind, subject, recipient, **context)
     now = utcnow()
-    if created:
-        subscriber.subscribed_at, subscriber.subscribed_user_agent = now, requester.user_agent
-    if confirmed and subscriber.status != Status.CONFIRMED:
-        subscriber.status = Status.CONFIRMED
-        subscriber.confirmed_at, subscriber.confirmed_user_agent = now, requester.user_agent
-    return subscriber, created
-
-
-EXPORT_COLUMNS = ["email", "status", "created_at", "subscribed_at", "subscribed_ip", "confirmed_at", "confirmed_ip",
-                  "unsubscribed_at", "unsubscribed_ip"]
-_TIMES = [c for c in EXPORT_COLUMNS if c.endswith("_at")]
-_IPS = [c for c in EXPORT_COLUMNS if c.endswith("_ip")]
-
-
-def export_row(subscriber: Subscriber) -> list[str]:
-    values = []
-    for column in EXPORT_COLUMNS:
-        value = getattr(subscriber, column)
-        values.append(value.value if isinstance(value, Status) else
-                      value.isoformat() if isinstance(value, datetime) else value or "")
-    return values
-
-
-def import_row(session: Session, row: dict[str, str]) -> bool:
-    """Add the subscriber a CSV row describes (the columns of an export; only email is required).
-
-    Returns False when the address is already a subscriber (left as it is); raises ValueError saying
-    what is wrong with the row.
-    """
-    status = (row.get("status") or Status.CONFIRMED.value).lower()
-    if status not in {s.value for s in Status}:
-        raise ValueError(f"status {status!r} is not one of {', '.join(s.value for s in Status)}")
-    times = {}
-    for column in _TIMES:
-        if row.get(column):
-            try:
-                parsed = datetime.fromisoformat(row[column])
-                times[column] = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)) \
-                    .astimezone(timezone.utc)
-            except (ValueError, OverflowError):
-                raise ValueError(f"{column} {row[column]!r} is not a date and time like 2026-01-31T12:00:00+00:00") \
-                    from None
-    subscriber, created = add(session, row.get("email", ""), status == Status.CONFIRMED.value, Requester.admin())
-    if not created:
-        return False
-    subscriber.status = Status(status)
-    for column, value in times.items():
-        setattr(subscriber, column, value)
-    for column in _IPS:
-        setattr(subscriber, column, clean_field(row.get(column), 64))
-    return True
-
-
-def remove(session: Session, subscriber: Subscriber) -> None:
-    """Delete the subscriber with their deliveries; queued emails and throttle records go by ON DELETE CASCADE."""
-    session.execute(delete(Delivery).where(Delivery.subscriber_id == subscriber.id))
-    session.delete(subscriber)
-
-
-def queue_email(conn: Session | Connection, nl: Newsletter, subscriber_id: int, recipient: str, kind: str,
-                subject: str, held: bool = False, **context: object) -> None:
-    message = single_message(nl.config, render_template, kind, subject, recipient, **context)
-    now = utcnow()
-    conn.execute(insert(OUTBOX).values(subscriber_id=subscriber_id, kind=kind, sender=nl.config.from_address.addr_spec,
-                                       recipient=recipient, message=message, held=held, created_at=now,
-                                       next_attempt_at=now, attempts=0))
+    conn.execute(
+        insert(OUTBOX).values(
+            subscriber_id=subscriber_id,
+            kind=kind,
+            sender=nl.config.from_address.addr_spec,
+            recipient=recipient,
+            message=message,
+            held=held,
+            created_at=now,
+            next_attempt_at=now,
+            attempts=0,
+        )
+    )

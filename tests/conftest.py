@@ -9,26 +9,28 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import requests
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner, Result
+from flask import Flask
 from sqlalchemy import create_engine, text
 from waitress.server import create_server
 
 from newsletter import db
-from newsletter.app import Newsletter, create_app
-from newsletter.serving import WAITRESS_OPTIONS
 from newsletter.cli import cli
 from newsletter.config import load_config
-from newsletter.outbox import deliver_outbox
+from newsletter.runtime import Newsletter
+from newsletter.serving import WAITRESS_OPTIONS
 from newsletter.signups import process_signups
+from newsletter.web.app import create_app
+from newsletter.worker import work_once
 
 FEEDS = Path(__file__).parent / "feeds"
 POSTGRES_URL = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL")
@@ -70,14 +72,14 @@ class SMTPSink:
     reply: Callable[[str], str | None] = lambda recipient: None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         refusal = self.reply(address)
         if refusal:
             return refusal
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.messages.append(Caught(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 Message accepted"
@@ -132,9 +134,11 @@ def feed(tmp_path: Path) -> Path:
 def publish(feed: Path, title: str, slug: str, summary: str = "<p>Fresh words.</p>") -> str:
     """Add an item at the top of FEED, as the blog does when it publishes; returns the post URL."""
     url = f"https://harbour-notes.example/2025/04/{slug}/"
-    item = (f"<item><title>{title}</title><link>{url}</link><guid isPermaLink=\"false\">{url}</guid>"
-            f"<pubDate>Tue, 01 Apr 2025 10:00:00 +0000</pubDate>"
-            f"<description><![CDATA[{summary}]]></description></item>\n\t<item>")
+    item = (
+        f'<item><title>{title}</title><link>{url}</link><guid isPermaLink="false">{url}</guid>'
+        f"<pubDate>Tue, 01 Apr 2025 10:00:00 +0000</pubDate>"
+        f"<description><![CDATA[{summary}]]></description></item>\n\t<item>"
+    )
     feed.write_text(feed.read_text(encoding="utf-8").replace("<item>", item, 1), encoding="utf-8")
     return url
 
@@ -148,7 +152,8 @@ def extra_config() -> str:
 @pytest.fixture
 def config_file(tmp_path: Path, database_url: str, smtp_port: int, feed: Path, extra_config: str) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [site]
 name = "Harbour Notes"
 base_url = "https://news.example.com"
@@ -168,28 +173,30 @@ from = "Harbour Notes <news@harbour-notes.example>"
 timeout = 5
 connections = 2
 batch_size = 10
-""" + extra_config)
+"""
+        + extra_config
+    )
     return path
 
 
 @pytest.fixture
-def app(config_file: Path):  # noqa: ANN201
-    application = create_app(load_config(config_file))
-    nl: Newsletter = application.extensions["newsletter"]
-    db.upgrade(nl.engine)
-    yield application
-    nl.engine.dispose()
+def nl(config_file: Path) -> Iterator[Newsletter]:
+    """The installation the test's config describes, on its upgraded database."""
+    runtime = Newsletter(load_config(config_file))
+    db.upgrade(runtime.engine)
+    yield runtime
+    runtime.engine.dispose()
 
 
 @pytest.fixture
-def nl(app) -> Newsletter:  # noqa: ANN001
-    return app.extensions["newsletter"]
+def app(nl: Newsletter) -> Flask:
+    return create_app(nl)
 
 
 class Site:
     """The app served by waitress on a real port, with helpers a test reads like a user's session."""
 
-    def __init__(self, app, base: str) -> None:  # noqa: ANN001
+    def __init__(self, app, base: str) -> None:
         self.app, self.base = app, base
         self.nl: Newsletter = app.extensions["newsletter"]
 
@@ -197,12 +204,13 @@ class Site:
         """The local address of a link that an email gives with the public base_url."""
         return public_url.replace(self.nl.config.base_url, self.base)
 
-    def get(self, path: str, **kwargs) -> requests.Response:  # noqa: ANN003
+    def get(self, path: str, **kwargs) -> requests.Response:
         return requests.get(self.url(path) if path.startswith("http") else self.base + path, timeout=10, **kwargs)
 
-    def post(self, path: str, **kwargs) -> requests.Response:  # noqa: ANN003
-        return requests.post(self.url(path) if path.startswith("http") else self.base + path, timeout=10,
-                             allow_redirects=False, **kwargs)
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(
+            self.url(path) if path.startswith("http") else self.base + path, timeout=10, allow_redirects=False, **kwargs
+        )
 
     def press(self, link: str, times: int = 1) -> requests.Response:
         """Open LINK like a browser and press the button on its page (a form with a CSRF token) TIMES times."""
@@ -210,8 +218,9 @@ class Site:
         page = browser.get(self.url(link), timeout=10)
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
         for _ in range(times):
-            response = browser.post(self.url(link), data={"csrf_token": token.group(1)} if token else {},
-                                    timeout=10, allow_redirects=False)
+            response = browser.post(
+                self.url(link), data={"csrf_token": token.group(1)} if token else {}, timeout=10, allow_redirects=False
+            )
         return response
 
     def subscribe(self, address: str) -> requests.Response:
@@ -219,18 +228,15 @@ class Site:
 
     def record_signups(self) -> int:
         """The worker's first step: turn the logged sign-ups into subscribers and confirmation emails."""
-        with self.app.app_context():
-            return process_signups(self.nl)
+        return process_signups(self.nl)
 
     def deliver_outbox(self) -> None:
         """The worker's pass: record the sign-ups, then send what is due."""
-        with self.app.app_context():
-            process_signups(self.nl)
-            deliver_outbox(self.nl)
+        work_once(self.nl)
 
 
 @pytest.fixture
-def site(app) -> Iterator[Site]:  # noqa: ANN001
+def site(app) -> Iterator[Site]:
     server = create_server(app, host="127.0.0.1", port=0, threads=4, **WAITRESS_OPTIONS)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -242,7 +248,7 @@ def site(app) -> Iterator[Site]:  # noqa: ANN001
 
 
 @pytest.fixture
-def run(config_file: Path, app) -> Callable[..., Result]:  # noqa: ANN001
+def run(config_file: Path, app) -> Callable[..., Result]:
     """Run a `newsletter` command as a user would, on the test's upgraded database; returns click's Result."""
     runner = CliRunner()
 

@@ -28,19 +28,19 @@ signup_ceiling = 5
 """
 
 
-def count(nl, model, *where) -> int:  # noqa: ANN001
+def count(nl, model, *where) -> int:
     with nl.sessions() as session:
         return session.scalar(select(func.count()).select_from(model).where(*where))
 
 
-def age_confirmations(nl, minutes: int) -> None:  # noqa: ANN001
+def age_confirmations(nl, minutes: int) -> None:
     """Stand-in for time passing: every confirmation email so far was sent MINUTES earlier."""
     with nl.sessions.begin() as session:
         for confirmation in session.scalars(select(Confirmation)):
             confirmation.sent_at -= timedelta(minutes=minutes)
 
 
-def test_per_ip_limit_gives_429_and_stores_nothing(site, smtp) -> None:  # noqa: ANN001
+def test_per_ip_limit_gives_429_and_stores_nothing(site, smtp) -> None:
     for i in range(10):
         assert site.subscribe(f"reader{i}@example.com").status_code == 200
     over = site.subscribe("one-too-many@example.com")
@@ -52,9 +52,9 @@ def test_per_ip_limit_gives_429_and_stores_nothing(site, smtp) -> None:  # noqa:
     assert count(site.nl, Subscriber) == 10
 
 
-def test_the_limit_is_shared_by_every_web_process(site, app, smtp) -> None:  # noqa: ANN001
+def test_the_limit_is_shared_by_every_web_process(site, app, smtp) -> None:
     """A second app on the same database (another worker process) sees the same counts."""
-    from newsletter.app import create_app
+    from newsletter.web.app import create_app
 
     other = create_app(site.nl.config).test_client()
     for i in range(5):
@@ -65,7 +65,7 @@ def test_the_limit_is_shared_by_every_web_process(site, app, smtp) -> None:  # n
     assert site.subscribe("late@example.com").status_code == 429
 
 
-def test_forwarded_for_is_ignored_without_a_trusted_proxy(site, smtp) -> None:  # noqa: ANN001
+def test_forwarded_for_is_ignored_without_a_trusted_proxy(site, smtp) -> None:
     for i in range(10):
         site.post("/subscribe", data={"email": f"r{i}@example.com"}, headers={"X-Forwarded-For": f"10.0.0.{i}"})
     spoofed = site.post("/subscribe", data={"email": "x@example.com"}, headers={"X-Forwarded-For": "10.9.9.9"})
@@ -73,30 +73,40 @@ def test_forwarded_for_is_ignored_without_a_trusted_proxy(site, smtp) -> None:  
 
 
 @pytest.mark.parametrize("extra_config", ["[web]\ntrusted_proxies = 1\n"])
-def test_forwarded_for_is_the_client_behind_a_trusted_proxy(site, smtp) -> None:  # noqa: ANN001
+def test_forwarded_for_is_the_client_behind_a_trusted_proxy(site, smtp) -> None:
     for i in range(12):
-        response = site.post("/subscribe", data={"email": f"r{i}@example.com"},
-                             headers={"X-Forwarded-For": f"203.0.113.{i}"})
+        response = site.post(
+            "/subscribe", data={"email": f"r{i}@example.com"}, headers={"X-Forwarded-For": f"203.0.113.{i}"}
+        )
         assert response.status_code == 200, (i, response.text)
     site.record_signups()
     with site.nl.sessions() as session:
-        assert session.scalar(select(Subscriber.subscribed_ip).where(Subscriber.email_key == "r3@example.com")) \
+        assert (
+            session.scalar(select(Subscriber.subscribed_ip).where(Subscriber.email_key == "r3@example.com"))
             == "203.0.113.3"
+        )
     for _ in range(10):
         site.post("/subscribe", data={"email": "same@example.com"}, headers={"X-Forwarded-For": "198.51.100.7"})
-    assert site.post("/subscribe", data={"email": "same@example.com"},
-                     headers={"X-Forwarded-For": "198.51.100.7"}).status_code == 429
+    assert (
+        site.post(
+            "/subscribe", data={"email": "same@example.com"}, headers={"X-Forwarded-For": "198.51.100.7"}
+        ).status_code
+        == 429
+    )
 
 
-@pytest.mark.parametrize("extra_config", ["[web]\ntrusted_proxies = 1\nrate_limit = \"1000 per hour\"\n"])
-def test_subscription_bombing_one_address_gets_at_most_three_a_day(site, smtp) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("extra_config", ['[web]\ntrusted_proxies = 1\nrate_limit = "1000 per hour"\n'])
+def test_subscription_bombing_one_address_gets_at_most_three_a_day(site, smtp) -> None:
     """Many IPs submit the victim's address and its +tag variants: 1 email per 10 minutes, 3 a day."""
     variants = ["victim@example.com", "Victim+1@example.com", "victim+news@Example.COM", "VICTIM+x@example.com"]
     pages = set()
     for round_ in range(5):
         for i, address in enumerate(variants * 3):
-            pages.add(site.post("/subscribe", data={"email": address},
-                                headers={"X-Forwarded-For": f"192.0.2.{round_ * 20 + i}"}).text)
+            pages.add(
+                site.post(
+                    "/subscribe", data={"email": address}, headers={"X-Forwarded-For": f"192.0.2.{round_ * 20 + i}"}
+                ).text
+            )
         site.record_signups()
         age_confirmations(site.nl, 11)
     site.deliver_outbox()
@@ -105,7 +115,7 @@ def test_subscription_bombing_one_address_gets_at_most_three_a_day(site, smtp) -
     assert len(pages) == 1
 
 
-def test_circuit_breaker_holds_confirmations_and_stats_says_so(site, smtp, run) -> None:  # noqa: ANN001
+def test_circuit_breaker_holds_confirmations_and_stats_says_so(site, smtp, run) -> None:
     for i in range(8):
         site.subscribe(f"stranger{i}@example.com")
     site.deliver_outbox()
@@ -122,7 +132,7 @@ def test_circuit_breaker_holds_confirmations_and_stats_says_so(site, smtp, run) 
     assert "HELD" not in run("stats").output
 
 
-def test_honeypot_gets_the_same_page_and_nothing_happens(site, smtp) -> None:  # noqa: ANN001
+def test_honeypot_gets_the_same_page_and_nothing_happens(site, smtp) -> None:
     human = site.post("/subscribe", data={"email": "human@example.com", "website": ""})
     bot = site.post("/subscribe", data={"email": "victim@example.com", "website": "http://spam.example"})
     assert bot.status_code == human.status_code == 200 and bot.text == human.text
@@ -130,7 +140,7 @@ def test_honeypot_gets_the_same_page_and_nothing_happens(site, smtp) -> None:  #
     assert count(site.nl, Subscriber, Subscriber.email_key == "victim@example.com") == 0
 
 
-def test_a_form_returned_faster_than_a_person_types_is_ignored(site, smtp) -> None:  # noqa: ANN001
+def test_a_form_returned_faster_than_a_person_types_is_ignored(site, smtp) -> None:
     stamp = re.search(r'name="started" value="([^"]+)"', site.get("/").text).group(1)
     fast = site.post("/subscribe", data={"email": "fast@example.com", "started": stamp})
     forged = site.post("/subscribe", data={"email": "forged@example.com", "started": "form.AAAAAA.forged"})
@@ -142,41 +152,53 @@ def test_a_form_returned_faster_than_a_person_types_is_ignored(site, smtp) -> No
     assert [m.recipients for m in smtp.messages] == [["slow@example.com"]]
 
 
-def test_confirmation_email_carries_nothing_the_visitor_typed_but_the_address(site, smtp) -> None:  # noqa: ANN001
-    site.post("/subscribe", data={"email": "target@example.com", "name": "Cheap pills at pills.example",
-                                  "comment": "http://spam.example/win"})
+def test_confirmation_email_carries_nothing_the_visitor_typed_but_the_address(site, smtp) -> None:
+    site.post(
+        "/subscribe",
+        data={
+            "email": "target@example.com",
+            "name": "Cheap pills at pills.example",
+            "comment": "http://spam.example/win",
+        },
+    )
     site.deliver_outbox()
     [message] = smtp.to("target@example.com")
     assert "pills" not in message.raw.decode() and "spam.example" not in message.raw.decode()
 
 
-def test_embedded_form_posts_cross_origin_without_cookies(site, smtp, run) -> None:  # noqa: ANN001
+def test_embedded_form_posts_cross_origin_without_cookies(site, smtp, run) -> None:
     snippet = run("embed").output
     assert 'action="https://news.example.com/subscribe"' in snippet and 'name="email"' in snippet
     assert 'name="website"' in snippet
-    from_blog = site.post("/subscribe", data={"email": "fan@example.com", "website": ""},
-                          headers={"Origin": "https://harbour-notes.example"})
+    from_blog = site.post(
+        "/subscribe",
+        data={"email": "fan@example.com", "website": ""},
+        headers={"Origin": "https://harbour-notes.example"},
+    )
     assert from_blog.status_code == 200 and "Check your inbox" in from_blog.text
-    elsewhere = site.post("/subscribe", data={"email": "victim@example.com"},
-                          headers={"Origin": "https://evil.example"})
+    elsewhere = site.post(
+        "/subscribe", data={"email": "victim@example.com"}, headers={"Origin": "https://evil.example"}
+    )
     assert elsewhere.status_code == 403
     site.record_signups()
     assert count(site.nl, Subscriber, Subscriber.email_key == "fan@example.com") == 1
     assert count(site.nl, Subscriber, Subscriber.email_key == "victim@example.com") == 0
 
 
-def test_our_own_form_posted_without_a_referer_is_accepted(site, smtp) -> None:  # noqa: ANN001
+def test_our_own_form_posted_without_a_referer_is_accepted(site, smtp) -> None:
     """Our pages send no Referer, so a browser may post them with `Origin: null`; Sec-Fetch-Site vouches."""
-    own = site.post("/subscribe", data={"email": "own@example.com"},
-                    headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
-    forced_null = site.post("/subscribe", data={"email": "victim@example.com"},
-                            headers={"Origin": "null", "Sec-Fetch-Site": "cross-site"})
+    own = site.post(
+        "/subscribe", data={"email": "own@example.com"}, headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+    )
+    forced_null = site.post(
+        "/subscribe", data={"email": "victim@example.com"}, headers={"Origin": "null", "Sec-Fetch-Site": "cross-site"}
+    )
     assert own.status_code == 200 and forced_null.status_code == 403
     site.record_signups()
     assert count(site.nl, Subscriber) == 1
 
 
-def test_buttons_need_their_csrf_token_but_one_click_does_not(site, smtp) -> None:  # noqa: ANN001
+def test_buttons_need_their_csrf_token_but_one_click_does_not(site, smtp) -> None:
     site.subscribe("reader@example.com")
     site.deliver_outbox()
     link = confirm_link(smtp.to("reader@example.com")[0])
@@ -190,13 +212,21 @@ def test_buttons_need_their_csrf_token_but_one_click_does_not(site, smtp) -> Non
     assert count(site.nl, Subscriber, Subscriber.status == Status.UNSUBSCRIBED) == 1
 
 
-def test_security_headers_on_every_page(site, smtp) -> None:  # noqa: ANN001
+def test_security_headers_on_every_page(site, smtp) -> None:
     site.subscribe("reader@example.com")
     site.deliver_outbox()
     confirm = confirm_link(smtp.to("reader@example.com")[0])
     unsubscribe = f"/unsubscribe/{site.nl.tokens.unsubscribe_token(1)}"
-    pages = [site.get("/"), site.subscribe("x@example.com"), site.get(confirm), site.press(confirm),
-             site.get(unsubscribe), site.get("/healthz"), site.get("/missing"), site.get("/confirm/bad")]
+    pages = [
+        site.get("/"),
+        site.subscribe("x@example.com"),
+        site.get(confirm),
+        site.press(confirm),
+        site.get(unsubscribe),
+        site.get("/healthz"),
+        site.get("/missing"),
+        site.get("/confirm/bad"),
+    ]
     for page in pages:
         csp = page.headers["Content-Security-Policy"]
         assert "script-src 'none'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
@@ -206,7 +236,7 @@ def test_security_headers_on_every_page(site, smtp) -> None:  # noqa: ANN001
         assert "<script" not in page.text
 
 
-def test_tokens_carry_no_readable_address(site, smtp) -> None:  # noqa: ANN001
+def test_tokens_carry_no_readable_address(site, smtp) -> None:
     site.subscribe("private.person@example.com")
     site.deliver_outbox()
     link = confirm_link(smtp.to("private.person@example.com")[0])
@@ -216,15 +246,14 @@ def test_tokens_carry_no_readable_address(site, smtp) -> None:  # noqa: ANN001
         assert b"@" not in decoded and b"private" not in decoded
 
 
-@pytest.mark.parametrize("extra_config", ["[web]\nrate_limit = \"1000 per hour\"\n"])
-def test_fifty_concurrent_submissions_make_one_subscriber(site, smtp) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("extra_config", ['[web]\nrate_limit = "1000 per hour"\n'])
+def test_fifty_concurrent_submissions_make_one_subscriber(site, smtp) -> None:
     responses: list[requests.Response] = []
     barrier = threading.Barrier(50)
 
     def submit(i: int) -> None:
         barrier.wait()
-        responses.append(requests.post(f"{site.base}/subscribe", data={"email": "Same.Person@example.com"},
-                                       timeout=30))
+        responses.append(requests.post(f"{site.base}/subscribe", data={"email": "Same.Person@example.com"}, timeout=30))
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(50)]
     for thread in threads:

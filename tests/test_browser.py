@@ -11,9 +11,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -26,8 +26,14 @@ from .test_reader_flow import confirm_link, subscriber, unsubscribe_link
 SCREENSHOTS = Path(__file__).parents[1] / "test-artifacts" / "screenshots"
 WIDTHS = (375, 1280)
 HUMAN_PACE = 2.5  # seconds between loading the subscribe page and submitting it; [web] min_fill_seconds is 2
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--no-first-run", "--disable-sync"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 ACCENT = "rgb(31, 95, 191)"  # style.css --accent: proves the stylesheet loaded under the page's CSP
 
 
@@ -38,7 +44,7 @@ class HostSite:
         site = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 body = site.html.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -46,7 +52,7 @@ class HostSite:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
         self.html = ""
@@ -89,7 +95,7 @@ def missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser():  # noqa: ANN201
+def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -108,22 +114,35 @@ class Problems(list):
 
 
 @pytest.fixture
-def page(browser) -> Iterator:  # noqa: ANN001
+def page(browser) -> Iterator:
     context = browser.new_context(viewport={"width": WIDTHS[-1], "height": 800}, locale="en-GB")
     context.set_default_timeout(10_000)
     tab = context.new_page()
     tab.problems = Problems()
-    tab.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
-           and tab.problems.append(f"console: {m.text}"))
+    tab.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and not m.text.startswith("Failed to load resource")
+            and tab.problems.append(f"console: {m.text}")
+        ),
+    )
     tab.on("pageerror", lambda e: tab.problems.append(f"page error: {e}"))
     tab.on("requestfailed", lambda r: tab.problems.append(f"request failed: {r.url} {r.failure}"))
-    tab.on("response", lambda r: r.status >= 400 and r.request.resource_type != "document"
-           and not r.url.endswith("/favicon.ico") and tab.problems.append(f"{r.status}: {r.url}"))
+    tab.on(
+        "response",
+        lambda r: (
+            r.status >= 400
+            and r.request.resource_type != "document"
+            and not r.url.endswith("/favicon.ico")
+            and tab.problems.append(f"{r.status}: {r.url}")
+        ),
+    )
     yield tab
     context.close()
 
 
-def shoot(page, name: str) -> None:  # noqa: ANN001
+def shoot(page, name: str) -> None:
     """Full-page PNGs at each width; on each, nothing may stick out sideways (no horizontal scrolling)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for width in WIDTHS:
@@ -133,11 +152,11 @@ def shoot(page, name: str) -> None:  # noqa: ANN001
         page.screenshot(path=SCREENSHOTS / f"{name}-{width}.png", full_page=True)
 
 
-def heading(page) -> str:  # noqa: ANN001
+def heading(page) -> str:
     return page.get_by_role("heading", level=1).inner_text()
 
 
-def honeypot_is_out_of_sight(page) -> None:  # noqa: ANN001
+def honeypot_is_out_of_sight(page) -> None:
     """The `website` trap is off-screen for sighted people and absent for screen readers: one textbox only."""
     trap = page.locator('input[name="website"]')
     box = trap.bounding_box()
@@ -145,20 +164,20 @@ def honeypot_is_out_of_sight(page) -> None:  # noqa: ANN001
     assert page.get_by_role("textbox").count() == 1
 
 
-def submit(page, button: str, url: str):  # noqa: ANN001, ANN201
+def submit(page, button: str, url: str):
     """Click BUTTON and wait for the page its form loads; returns that response."""
     with page.expect_navigation(url=url) as navigation:
         page.get_by_role("button", name=button).click()
     return navigation.value
 
 
-def type_like_a_person(page, field, text: str, since: float) -> None:  # noqa: ANN001
+def type_like_a_person(page, field, text: str, since: float) -> None:
     field.click()
     field.press_sequentially(text, delay=40)
     time.sleep(max(0.0, since + HUMAN_PACE - time.monotonic()))
 
 
-def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, run, feed, page) -> None:  # noqa: ANN001
+def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, run, feed, page) -> None:
     assert run("posts", "fetch").exit_code == 0
 
     loaded = page.goto(site.base + "/")
@@ -176,8 +195,10 @@ def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, ru
     with page.expect_request(f"{site.base}/subscribe") as posted:
         rejected = submit(page, "Subscribe", f"{site.base}/subscribe")
     opened = time.monotonic()
-    assert rejected.status == 400, (f"{rejected.status} for a form sent with Origin: "
-                                    f"{posted.value.header_value('origin')}: {page.locator('main').inner_text()!r}")
+    assert rejected.status == 400, (
+        f"{rejected.status} for a form sent with Origin: "
+        f"{posted.value.header_value('origin')}: {page.locator('main').inner_text()!r}"
+    )
     error = page.get_by_role("alert")
     assert error.inner_text() == "An email address must have an @-sign."
     email = page.get_by_label("Email address", exact=True)
@@ -233,8 +254,14 @@ def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, ru
     assert page.problems == []
 
 
-def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(site, smtp, run, page, blog,  # noqa: ANN001
-                                                                    copycat) -> None:
+def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(
+    site,
+    smtp,
+    run,
+    page,
+    blog,
+    copycat,
+) -> None:
     snippet = run("embed").output
     assert f'action="{site.nl.config.base_url}/subscribe"' in snippet
     blog.html = copycat.html = f"""<!doctype html>

@@ -7,8 +7,8 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import click
 import pytest
@@ -28,8 +28,9 @@ Run = Callable[..., Result]
 def newsletter(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The installed `newsletter` command in its own process, with no NEWSLETTER_* settings from this shell."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    return subprocess.run(["newsletter", "--config", str(config), *args], capture_output=True, text=True,
-                          env=environ, timeout=60)
+    return subprocess.run(
+        ["newsletter", "--config", str(config), *args], capture_output=True, text=True, env=environ, timeout=60
+    )
 
 
 def one_line(text: str) -> str:
@@ -55,7 +56,7 @@ def listed(run: Run, *options: str) -> list[str]:
     return [line.split()[0] for line in ok(run("subscribers", "list", *options)).splitlines()]
 
 
-def count(nl, model: type, **where: object) -> int:  # noqa: ANN001
+def count(nl, model: type, **where: object) -> int:
     query = select(func.count()).select_from(model).filter_by(**where)
     with nl.sessions() as session:
         return session.scalar(query) or 0
@@ -76,6 +77,7 @@ def set_site_key(config: Path, key: str, value: str) -> None:
 
 # ---- help -----------------------------------------------------------------------------------------
 
+
 def command_paths(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     yield prefix
     for name, command in sorted(group.commands.items()):
@@ -95,7 +97,8 @@ def test_help_shows_an_example(path: tuple[str, ...]) -> None:
 
 # ---- subscribers ----------------------------------------------------------------------------------
 
-def test_add_normalises_the_address_and_keeps_one_row(nl, run: Run) -> None:  # noqa: ANN001
+
+def test_add_normalises_the_address_and_keeps_one_row(nl, run: Run) -> None:
     assert ok(run("subscribers", "add", "Reader@Example.COM")).strip() == "added Reader@example.com (unconfirmed)"
     assert "already there" in ok(run("subscribers", "add", "reader@EXAMPLE.com"))
     assert listed(run) == ["Reader@example.com"]
@@ -106,7 +109,7 @@ def test_add_normalises_the_address_and_keeps_one_row(nl, run: Run) -> None:  # 
     assert count(nl, Subscriber) == 1
 
 
-def test_list_filters_by_status(nl, run: Run) -> None:  # noqa: ANN001
+def test_list_filters_by_status(nl, run: Run) -> None:
     run("subscribers", "add", "one@example.com", "--confirmed")
     run("subscribers", "add", "two@example.com")
     run("subscribers", "add", "three@example.com", "--confirmed")
@@ -116,13 +119,13 @@ def test_list_filters_by_status(nl, run: Run) -> None:  # noqa: ANN001
     assert listed(run, "--status", "unsubscribed") == []
 
 
-def test_adding_something_that_is_not_an_address_fails(nl, config_file: Path) -> None:  # noqa: ANN001
+def test_adding_something_that_is_not_an_address_fails(nl, config_file: Path) -> None:
     line = failure(newsletter(config_file, "subscribers", "add", "not-an-address"))
     assert "'not-an-address'" in line and "@" in line
     assert newsletter(config_file, "subscribers", "list").stdout == ""
 
 
-def test_remove_deletes_the_subscriber_their_deliveries_and_queued_mail(site, smtp, run: Run) -> None:  # noqa: ANN001
+def test_remove_deletes_the_subscriber_their_deliveries_and_queued_mail(site, smtp, run: Run) -> None:
     for address in ("leaving@example.com", "staying@example.com"):
         site.subscribe(address)
         site.record_signups()  # each has a confirmation email waiting in the outbox
@@ -135,8 +138,9 @@ def test_remove_deletes_the_subscriber_their_deliveries_and_queued_mail(site, sm
     assert count(site.nl, Delivery, subscriber_id=leaving) == 1
     assert count(site.nl, OutboxMessage, subscriber_id=leaving) == 1
 
-    assert ok(run("subscribers", "remove", "LEAVING@example.com")).strip() == \
-        "removed leaving@example.com and their data"
+    assert (
+        ok(run("subscribers", "remove", "LEAVING@example.com")).strip() == "removed leaving@example.com and their data"
+    )
     assert listed(run) == ["staying@example.com"]
     assert count(site.nl, Subscriber, id=leaving) == 0
     assert count(site.nl, Delivery, subscriber_id=leaving) == 0
@@ -148,20 +152,33 @@ def test_remove_deletes_the_subscriber_their_deliveries_and_queued_mail(site, sm
     assert [m.recipients for m in smtp.messages] == [["staying@example.com"]]
 
 
-def test_removing_an_unknown_address_fails(nl, config_file: Path) -> None:  # noqa: ANN001
+def test_stats_counts_queued_mail_by_kind(site, smtp, run: Run) -> None:
+    site.subscribe("new@example.com")
+    site.subscribe("other@example.com")
+    site.record_signups()
+    assert "outbox: 2 queued (2 confirmation), 0 held" in ok(run("stats"))
+    site.deliver_outbox()
+    site.press(next(link for link in smtp.messages[0].links() if "/confirm/" in link))
+    assert "outbox: 1 queued (1 welcome), 0 held" in ok(run("stats"))
+
+
+def test_removing_an_unknown_address_fails(nl, config_file: Path) -> None:
     assert "nobody@example.com" in failure(newsletter(config_file, "subscribers", "remove", "nobody@example.com"))
     assert "'not-an-address'" in failure(newsletter(config_file, "subscribers", "remove", "not-an-address"))
 
 
-def test_import_reports_what_it_imported_and_why_it_skipped_rows(nl, run: Run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_import_reports_what_it_imported_and_why_it_skipped_rows(nl, run: Run, tmp_path: Path) -> None:
     readers = tmp_path / "readers.csv"
-    readers.write_text("email,status\n"
-                       "Ada@Example.com,confirmed\n"
-                       "grace@example.com,\n"
-                       "not-an-address,confirmed\n"
-                       "ada@example.com,confirmed\n"
-                       "linus@example.com,pending\n"
-                       "ken@example.com,unconfirmed\n", encoding="utf-8")
+    readers.write_text(
+        "email,status\n"
+        "Ada@Example.com,confirmed\n"
+        "grace@example.com,\n"
+        "not-an-address,confirmed\n"
+        "ada@example.com,confirmed\n"
+        "linus@example.com,pending\n"
+        "ken@example.com,unconfirmed\n",
+        encoding="utf-8",
+    )
     lines = ok(run("subscribers", "import", str(readers))).splitlines()
     assert lines[0] == "imported 3, skipped 3"
     reasons = [line.strip() for line in lines[1:]]
@@ -173,7 +190,7 @@ def test_import_reports_what_it_imported_and_why_it_skipped_rows(nl, run: Run, t
     assert listed(run, "--status", "unconfirmed") == ["ken@example.com"]
 
 
-def test_import_needs_an_email_column(nl, config_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_import_needs_an_email_column(nl, config_file: Path, tmp_path: Path) -> None:
     readers = tmp_path / "readers.csv"
     readers.write_text("address,status\nada@example.com,confirmed\n", encoding="utf-8")
     line = failure(newsletter(config_file, "subscribers", "import", str(readers)))
@@ -181,27 +198,41 @@ def test_import_needs_an_email_column(nl, config_file: Path, tmp_path: Path) -> 
     assert newsletter(config_file, "subscribers", "list").stdout == ""
 
 
-def test_import_ignores_an_unnamed_extra_field(nl, config_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_import_ignores_an_unnamed_extra_field(nl, config_file: Path, tmp_path: Path) -> None:
     readers = tmp_path / "readers.csv"
-    readers.write_text("email,status\nada@example.com,confirmed\ngrace@example.com,confirmed,VIP\n"
-                       "ken@example.com,confirmed\n", encoding="utf-8")
+    readers.write_text(
+        "email,status\nada@example.com,confirmed\ngrace@example.com,confirmed,VIP\nken@example.com,confirmed\n",
+        encoding="utf-8",
+    )
     result = newsletter(config_file, "subscribers", "import", str(readers))
     assert "Traceback" not in result.stderr
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "imported 3, skipped 0"
     assert newsletter(config_file, "subscribers", "list").stdout.split()[::3] == [
-        "ada@example.com", "grace@example.com", "ken@example.com"]
+        "ada@example.com",
+        "grace@example.com",
+        "ken@example.com",
+    ]
 
 
-def test_import_of_a_file_that_is_not_utf8_fails_with_one_line(nl, config_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_import_of_a_file_that_is_not_utf8_fails_with_one_line(nl, config_file: Path, tmp_path: Path) -> None:
     readers = tmp_path / "readers.csv"
     readers.write_bytes("email,name\nj@example.com,Jörg\n".encode("latin-1"))
     line = failure(newsletter(config_file, "subscribers", "import", str(readers)))
     assert "readers.csv" in line and "UTF-8" in line
 
 
-EXPORT_COLUMNS = ["email", "status", "created_at", "subscribed_at", "subscribed_ip", "confirmed_at", "confirmed_ip",
-                  "unsubscribed_at", "unsubscribed_ip"]
+EXPORT_COLUMNS = [
+    "email",
+    "status",
+    "created_at",
+    "subscribed_at",
+    "subscribed_ip",
+    "confirmed_at",
+    "confirmed_ip",
+    "unsubscribed_at",
+    "unsubscribed_ip",
+]
 
 
 def exported(run: Run) -> list[dict[str, str]]:
@@ -215,8 +246,12 @@ def exported(run: Run) -> list[dict[str, str]]:
 def second_install(config_file: Path, tmp_path: Path) -> Run:
     """Another installation: the same settings with its own, freshly upgraded SQLite database."""
     other = tmp_path / "other.toml"
-    other.write_text("\n".join(f'url = "sqlite:///{tmp_path / "other.db"}"' if line.startswith("url =") else line
-                               for line in config_file.read_text().splitlines()))
+    other.write_text(
+        "\n".join(
+            f'url = "sqlite:///{tmp_path / "other.db"}"' if line.startswith("url =") else line
+            for line in config_file.read_text().splitlines()
+        )
+    )
     runner = CliRunner()
 
     def invoke(*args: str) -> Result:
@@ -226,7 +261,7 @@ def second_install(config_file: Path, tmp_path: Path) -> Run:
     return invoke
 
 
-def test_export_prints_every_subscriber_with_consent(site, run: Run) -> None:  # noqa: ANN001
+def test_export_prints_every_subscriber_with_consent(site, run: Run) -> None:
     site.subscribe("web@example.com")
     site.record_signups()
     run("subscribers", "add", "hand@example.com", "--confirmed")
@@ -234,15 +269,23 @@ def test_export_prints_every_subscriber_with_consent(site, run: Run) -> None:  #
 
     rows = exported(run)
     assert [(r["email"], r["status"]) for r in rows] == [
-        ("web@example.com", "unconfirmed"), ("hand@example.com", "confirmed"), ("pending@example.com", "unconfirmed")]
+        ("web@example.com", "unconfirmed"),
+        ("hand@example.com", "confirmed"),
+        ("pending@example.com", "unconfirmed"),
+    ]
     web, hand, pending = rows
     assert web["subscribed_ip"] == "127.0.0.1" and web["subscribed_at"].startswith(web["created_at"][:10])
     assert hand["confirmed_at"] and not hand["confirmed_ip"]
     assert not pending["confirmed_at"] and not pending["unsubscribed_at"]
 
 
-def test_export_round_trips_into_a_fresh_database(site, smtp, run: Run, config_file: Path,  # noqa: ANN001
-                                                  tmp_path: Path) -> None:
+def test_export_round_trips_into_a_fresh_database(
+    site,
+    smtp,
+    run: Run,
+    config_file: Path,
+    tmp_path: Path,
+) -> None:
     site.subscribe("web@example.com")  # consent given on the page: time and address recorded
     run("subscribers", "add", "web@example.com", "--confirmed")
     run("subscribers", "add", "Ada@Example.com", "--confirmed")
@@ -254,8 +297,11 @@ def test_export_round_trips_into_a_fresh_database(site, smtp, run: Run, config_f
     assert site.post(note.message["List-Unsubscribe"].strip("<>"), data={"List-Unsubscribe": "One-Click"}).ok
     before = exported(run)
     assert [(r["email"], r["status"]) for r in before] == [
-        ("web@example.com", "confirmed"), ("Ada@example.com", "confirmed"), ("ken@example.com", "unconfirmed"),
-        ("left@example.com", "unsubscribed")]
+        ("web@example.com", "confirmed"),
+        ("Ada@example.com", "confirmed"),
+        ("ken@example.com", "unconfirmed"),
+        ("left@example.com", "unsubscribed"),
+    ]
     dump = tmp_path / "subscribers.csv"
     dump.write_text(ok(run("subscribers", "export")), encoding="utf-8")
 
@@ -267,16 +313,26 @@ def test_export_round_trips_into_a_fresh_database(site, smtp, run: Run, config_f
 
 # ---- posts and sending ----------------------------------------------------------------------------
 
-def test_added_post_is_announced_once_to_confirmed_subscribers(nl, smtp, run: Run) -> None:  # noqa: ANN001
+
+def test_added_post_is_announced_once_to_confirmed_subscribers(nl, smtp, run: Run) -> None:
     run("subscribers", "add", "ada@example.com", "--confirmed")
     run("subscribers", "add", "pending@example.com")
-    added = ok(run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/",
-                   "--summary", "The harbour froze overnight.\n\nBoats stayed in."))
+    added = ok(
+        run(
+            "posts",
+            "add",
+            "--title",
+            "Ice on the quay",
+            "--url",
+            "https://harbour-notes.example/ice/",
+            "--summary",
+            "The harbour froze overnight.\n\nBoats stayed in.",
+        )
+    )
     assert added.strip().endswith(": Ice on the quay")
     assert post_states(run) == {"Ice on the quay": "new"}
 
-    assert ok(run("send", "--no-fetch")).strip() == \
-        "1 post(s): 1 sent, 0 failed, 0 skipped, 0 left for the next run"
+    assert ok(run("send", "--no-fetch")).strip() == "1 post(s): 1 sent, 0 failed, 0 skipped, 0 left for the next run"
     [note] = smtp.messages
     assert note.recipients == ["ada@example.com"] and note.message["Subject"] == "Ice on the quay"
     assert "The harbour froze overnight." in note.text and "<p>Boats stayed in.</p>" in note.html
@@ -286,13 +342,13 @@ def test_added_post_is_announced_once_to_confirmed_subscribers(nl, smtp, run: Ru
     assert len(smtp.messages) == 1
 
 
-def test_post_link_must_be_http(nl, config_file: Path) -> None:  # noqa: ANN001
+def test_post_link_must_be_http(nl, config_file: Path) -> None:
     line = failure(newsletter(config_file, "posts", "add", "--title", "Hi", "--url", "javascript:alert(1)"))
     assert "--url" in line and "http" in line
     assert newsletter(config_file, "posts", "list").stdout == ""
 
 
-def test_dry_run_shows_what_would_be_sent_and_sends_nothing(nl, smtp, run: Run) -> None:  # noqa: ANN001
+def test_dry_run_shows_what_would_be_sent_and_sends_nothing(nl, smtp, run: Run) -> None:
     run("subscribers", "add", "ada@example.com", "--confirmed")
     run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/")
 
@@ -308,13 +364,15 @@ def test_dry_run_shows_what_would_be_sent_and_sends_nothing(nl, smtp, run: Run) 
     assert smtp.subjects("ada@example.com") == ["Ice on the quay"]
 
 
-def test_send_to_one_address_sends_a_copy_and_records_nothing(nl, smtp, run: Run) -> None:  # noqa: ANN001
+def test_send_to_one_address_sends_a_copy_and_records_nothing(nl, smtp, run: Run) -> None:
     run("subscribers", "add", "ada@example.com", "--confirmed")
     run("posts", "add", "--title", "Older post", "--url", "https://harbour-notes.example/older/")
     run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/")
 
-    assert ok(run("send", "--to", "Me@Example.com")).strip() == \
-        'sent a copy of "Ice on the quay" to Me@example.com (nothing recorded)'
+    assert (
+        ok(run("send", "--to", "Me@Example.com")).strip()
+        == 'sent a copy of "Ice on the quay" to Me@example.com (nothing recorded)'
+    )
     [copy] = smtp.messages
     assert copy.recipients == ["Me@example.com"] and copy.message["Subject"] == "Ice on the quay"
     assert "https://harbour-notes.example/ice/" in copy.text
@@ -327,20 +385,20 @@ def test_send_to_one_address_sends_a_copy_and_records_nothing(nl, smtp, run: Run
     assert smtp.to("me@example.com") == []
 
 
-def test_dry_run_with_to_sends_nothing(nl, smtp, run: Run) -> None:  # noqa: ANN001
+def test_dry_run_with_to_sends_nothing(nl, smtp, run: Run) -> None:
     run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/")
     result = run("send", "--dry-run", "--to", "me@example.com")
     assert result.exit_code == 0 and "nothing sent" in result.output
     assert smtp.messages == []
 
 
-def test_every_send_ends_with_a_summary(nl, smtp, run: Run) -> None:  # noqa: ANN001
+def test_every_send_ends_with_a_summary(nl, smtp, run: Run) -> None:
     assert ok(run("send", "--no-fetch")).strip() == "0 post(s): 0 sent, 0 failed, 0 skipped, 0 left for the next run"
     assert "nothing sent" in ok(run("send", "--no-fetch", "--dry-run")).splitlines()[-1]
     assert ok(run("send")).splitlines()[-1].startswith("0 post(s): 0 sent")  # first fetch: nothing to announce
 
 
-def test_send_while_the_smtp_server_is_down_then_up(nl, run: Run, config_file: Path, smtp_port: int) -> None:  # noqa: ANN001
+def test_send_while_the_smtp_server_is_down_then_up(nl, run: Run, config_file: Path, smtp_port: int) -> None:
     for address in ("a@example.com", "b@example.com", "c@example.com"):
         run("subscribers", "add", address, "--confirmed")
     run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/")
@@ -362,12 +420,11 @@ def test_send_while_the_smtp_server_is_down_then_up(nl, run: Run, config_file: P
         assert "0 sent" in one_line(again.stdout)
     finally:
         controller.stop()
-    assert sorted(r for m in sink.messages for r in m.recipients) == ["a@example.com", "b@example.com",
-                                                                      "c@example.com"]
+    assert sorted(r for m in sink.messages for r in m.recipients) == ["a@example.com", "b@example.com", "c@example.com"]
     assert post_states(run) == {"Ice on the quay": "announced"}
 
 
-def test_summary_counts_what_is_left_when_the_smtp_server_is_down(nl, run: Run) -> None:  # noqa: ANN001
+def test_summary_counts_what_is_left_when_the_smtp_server_is_down(nl, run: Run) -> None:
     for address in ("a@example.com", "b@example.com", "c@example.com"):
         run("subscribers", "add", address, "--confirmed")
     run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/")
@@ -376,12 +433,18 @@ def test_summary_counts_what_is_left_when_the_smtp_server_is_down(nl, run: Run) 
     assert "3 left for the next run" in result.stdout
 
 
-def test_own_text_template_replaces_only_the_text_part(nl, smtp, run: Run, config_file: Path,  # noqa: ANN001
-                                                       tmp_path: Path) -> None:
+def test_own_text_template_replaces_only_the_text_part(
+    nl,
+    smtp,
+    run: Run,
+    config_file: Path,
+    tmp_path: Path,
+) -> None:
     templates = tmp_path / "my-templates"
     (templates / "email").mkdir(parents=True)
     (templates / "email" / "notification.txt").write_text(
-        "Fresh from the harbour: {{ post.title }}\n{{ post.url }}\nLeave: {{ unsubscribe_url }}\n", encoding="utf-8")
+        "Fresh from the harbour: {{ post.title }}\n{{ post.url }}\nLeave: {{ unsubscribe_url }}\n", encoding="utf-8"
+    )
     set_site_key(config_file, "templates_dir", str(templates))
     run("subscribers", "add", "ada@example.com", "--confirmed")
     run("posts", "add", "--title", "Ice on the quay", "--url", "https://harbour-notes.example/ice/")
@@ -395,7 +458,7 @@ def test_own_text_template_replaces_only_the_text_part(nl, smtp, run: Run, confi
     assert "New on Harbour Notes" in note.html and ">Read the post</a>" in note.html
 
 
-def test_atom_feed_with_umlauts_and_a_relative_link(nl, smtp, run: Run, config_file: Path, feed: Path) -> None:  # noqa: ANN001
+def test_atom_feed_with_umlauts_and_a_relative_link(nl, smtp, run: Run, config_file: Path, feed: Path) -> None:
     config_file.write_text(config_file.read_text().replace(str(feed), str(FEEDS / "atom.xml")))
     run("subscribers", "add", "leser@example.com", "--confirmed")
     assert ok(run("posts", "fetch", "--announce-existing")).strip() == "2 new post(s)"
@@ -411,19 +474,33 @@ def test_atom_feed_with_umlauts_and_a_relative_link(nl, smtp, run: Run, config_f
     assert "Schwalbenschwanz &amp; Geduld: die Übung</a>" in note.html
 
 
-def test_scripts_and_handlers_in_a_feed_never_reach_the_email(nl, smtp, run: Run, feed: Path) -> None:  # noqa: ANN001
+def test_scripts_and_handlers_in_a_feed_never_reach_the_email(nl, smtp, run: Run, feed: Path) -> None:
     run("posts", "fetch")
     run("subscribers", "add", "ada@example.com", "--confirmed")
-    publish(feed, "Tricky markup", "tricky", summary=(
-        '<p onclick="steal()" style="position:fixed">Calm <a href="javascript:alert(2)">seas</a> today.</p>'
-        "<script>alert(1)</script><style>body { display: none }</style>"
-        '<p>More on <a href="https://harbour-notes.example/tides/">the tides</a>.</p>'))
+    publish(
+        feed,
+        "Tricky markup",
+        "tricky",
+        summary=(
+            '<p onclick="steal()" style="position:fixed">Calm <a href="javascript:alert(2)">seas</a> today.</p>'
+            "<script>alert(1)</script><style>body { display: none }</style>"
+            '<p>More on <a href="https://harbour-notes.example/tides/">the tides</a>.</p>'
+        ),
+    )
 
     assert "1 sent" in ok(run("send"))
     [note] = smtp.messages
     for part in (note.text, note.html):
-        for bad in ("<script", "alert(", "onclick", "steal()", "<style", "display: none", "javascript:",
-                    "position:fixed"):
+        for bad in (
+            "<script",
+            "alert(",
+            "onclick",
+            "steal()",
+            "<style",
+            "display: none",
+            "javascript:",
+            "position:fixed",
+        ):
             assert bad not in part, (bad, part)
         assert "Calm" in part and "seas" in part and "the tides" in part
     assert '<a href="https://harbour-notes.example/tides/"' in note.html
@@ -431,8 +508,13 @@ def test_scripts_and_handlers_in_a_feed_never_reach_the_email(nl, smtp, run: Run
 
 
 @pytest.mark.parametrize("where", ["missing file", "http 404"])
-def test_feed_that_cannot_be_fetched_keeps_the_posts(site, run: Run, config_file: Path, feed: Path,  # noqa: ANN001
-                                                    where: str) -> None:
+def test_feed_that_cannot_be_fetched_keeps_the_posts(
+    site,
+    run: Run,
+    config_file: Path,
+    feed: Path,
+    where: str,
+) -> None:
     assert ok(run("posts", "fetch")).startswith("3 new post(s)")
     before = ok(run("posts", "list"))
     gone = str(feed.with_name("moved.xml")) if where == "missing file" else f"{site.base}/feed/"
@@ -447,8 +529,12 @@ def test_feed_that_cannot_be_fetched_keeps_the_posts(site, run: Run, config_file
 
 def test_db_upgrade_creates_the_folder_of_a_new_sqlite_database(config_file: Path, tmp_path: Path) -> None:
     database = tmp_path / "data" / "newsletter.db"
-    config_file.write_text("\n".join(f'url = "sqlite:///{database}"' if line.startswith("url =") else line
-                                     for line in config_file.read_text().splitlines()))
+    config_file.write_text(
+        "\n".join(
+            f'url = "sqlite:///{database}"' if line.startswith("url =") else line
+            for line in config_file.read_text().splitlines()
+        )
+    )
     result = newsletter(config_file, "db", "upgrade")
     assert result.returncode == 0, result.stderr
     assert database.is_file()
@@ -456,8 +542,10 @@ def test_db_upgrade_creates_the_folder_of_a_new_sqlite_database(config_file: Pat
 
 # ---- an installed copy ----------------------------------------------------------------------------
 
-def test_pip_install_into_fresh_venv(smtp, smtp_port: int, tmp_path: Path) -> None:  # noqa: ANN001
+
+def test_pip_install_into_fresh_venv(smtp, smtp_port: int, tmp_path: Path) -> None:
     """A non-editable install finds its own templates and migrations, away from the source tree."""
+
     def leftovers() -> set[str]:
         return {p.name for p in ROOT.iterdir() if p.name in ("build", "dist") or p.name.endswith(".egg-info")}
 
@@ -465,8 +553,13 @@ def test_pip_install_into_fresh_venv(smtp, smtp_port: int, tmp_path: Path) -> No
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_") and k != "PYTHONPATH"}
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(ROOT)],
-                         capture_output=True, text=True, env=environ, timeout=600)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(ROOT)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=600,
+    )
     assert pip.returncode == 0, pip.stderr
     assert leftovers() == before
 
@@ -482,7 +575,7 @@ base_url = "https://news.example.com"
 secret_key = "installed-copy-secret"
 
 [database]
-url = "sqlite:///{home / 'newsletter.db'}"
+url = "sqlite:///{home / "newsletter.db"}"
 
 [smtp]
 host = "127.0.0.1"
@@ -492,13 +585,20 @@ from = "Harbour Notes <news@harbour-notes.example>"
 """)
 
     def installed(*args: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(venv / "bin" / "newsletter"), *args], capture_output=True, text=True,
-                                env=environ, cwd=home, timeout=60)
+        result = subprocess.run(
+            [str(venv / "bin" / "newsletter"), *args], capture_output=True, text=True, env=environ, cwd=home, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         return result
 
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import newsletter; print(newsletter.__file__)"],
-                           capture_output=True, text=True, env=environ, cwd=home, check=True).stdout
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import newsletter; print(newsletter.__file__)"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=home,
+        check=True,
+    ).stdout
     assert str(venv) in where and str(ROOT) not in where
     assert "Usage: newsletter" in installed("--help").stdout
     assert "database upgraded from (empty)" in installed("db", "upgrade").stdout

@@ -19,13 +19,15 @@ ROOT = Path(__file__).parents[1]
 FEEDS = Path(__file__).parent / "feeds"
 
 
-def newsletter(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-               ) -> subprocess.CompletedProcess[str]:
+def newsletter(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """The installed `newsletter` command, with no NEWSLETTER_* settings leaking in from this shell."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     environ.update(env or {})
-    return subprocess.run(["newsletter", *args], capture_output=True, text=True, env=environ, cwd=cwd,
-                          timeout=60)
+    return subprocess.run(["newsletter", *args], capture_output=True, text=True, env=environ, cwd=cwd, timeout=60)
 
 
 def config_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -37,21 +39,22 @@ def config_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def settings(tmp_path: Path, smtp_port: int | None = None, database: Path | None = None,
-             secret: str | None = "s3cret-for-tests") -> str:
+def settings(
+    tmp_path: Path, smtp_port: int | None = None, database: Path | None = None, secret: str | None = "s3cret-for-tests"
+) -> str:
     """A valid configuration file's text for this test's folder."""
     secret_line = f'secret_key = "{secret}"' if secret is not None else ""
     return f"""
 [site]
 name = "Harbour Notes"
 base_url = "https://news.example.com"
-feed_url = "{FEEDS / 'wordpress-rss2.xml'}"
+feed_url = "{FEEDS / "wordpress-rss2.xml"}"
 
 [security]
 {secret_line}
 
 [database]
-url = "sqlite:///{database or tmp_path / 'newsletter.db'}"
+url = "sqlite:///{database or tmp_path / "newsletter.db"}"
 
 [smtp]
 host = "127.0.0.1"
@@ -75,6 +78,7 @@ def upgraded(config: Path) -> Path:
 
 
 # ---- one line, exit status 2, for each mistake ----------------------------------------------------
+
 
 def test_malformed_toml_names_the_file(tmp_path: Path) -> None:
     text = settings(tmp_path).replace("[smtp]", "[smtp")
@@ -122,8 +126,7 @@ def test_config_file_that_does_not_exist(tmp_path: Path) -> None:
 
 
 def test_database_that_cannot_be_reached(tmp_path: Path) -> None:
-    text = settings(tmp_path).replace(f"sqlite:///{tmp_path / 'newsletter.db'}",
-                                      "postgresql+psycopg://u@127.0.0.1:1/x")
+    text = settings(tmp_path).replace(f"sqlite:///{tmp_path / 'newsletter.db'}", "postgresql+psycopg://u@127.0.0.1:1/x")
     line = config_error(newsletter("--config", str(write(tmp_path, text)), "send"))
     assert "postgresql+psycopg://u@127.0.0.1:1/x" in line and "[database] url" in line
 
@@ -147,11 +150,13 @@ def test_help_needs_no_working_configuration(tmp_path: Path) -> None:
 
 # ---- where the settings come from -----------------------------------------------------------------
 
+
 def test_environment_names_the_database(tmp_path: Path) -> None:
     in_file, from_env = tmp_path / "file.db", tmp_path / "from-env.db"
     config = write(tmp_path, settings(tmp_path, database=in_file))
-    result = newsletter("--config", str(config), "db", "upgrade",
-                        env={"NEWSLETTER_DATABASE__URL": f"sqlite:///{from_env}"})
+    result = newsletter(
+        "--config", str(config), "db", "upgrade", env={"NEWSLETTER_DATABASE__URL": f"sqlite:///{from_env}"}
+    )
     assert result.returncode == 0, result.stderr
     assert not in_file.exists()
     engine = create_engine(f"sqlite:///{from_env}")
@@ -159,30 +164,44 @@ def test_environment_names_the_database(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_environment_names_the_smtp_port(tmp_path: Path, smtp, smtp_port: int) -> None:  # noqa: ANN001
+def test_environment_names_the_smtp_port(tmp_path: Path, smtp, smtp_port: int) -> None:
     config = upgraded(write(tmp_path, settings(tmp_path)))  # the file names a port where nothing listens
-    assert newsletter("--config", str(config), "posts", "add", "--title", "Ice on the quay",
-                      "--url", "https://harbour-notes.example/ice/").returncode == 0
+    assert (
+        newsletter(
+            "--config",
+            str(config),
+            "posts",
+            "add",
+            "--title",
+            "Ice on the quay",
+            "--url",
+            "https://harbour-notes.example/ice/",
+        ).returncode
+        == 0
+    )
 
     unreachable = newsletter("--config", str(config), "send", "--to", "me@example.com")
     assert unreachable.returncode == 1 and "Connection refused" in unreachable.stderr
     assert smtp.messages == []
 
-    result = newsletter("--config", str(config), "send", "--to", "me@example.com",
-                        env={"NEWSLETTER_SMTP__PORT": str(smtp_port)})
+    result = newsletter(
+        "--config", str(config), "send", "--to", "me@example.com", env={"NEWSLETTER_SMTP__PORT": str(smtp_port)}
+    )
     assert result.returncode == 0, result.stderr
     assert smtp.subjects("me@example.com") == ["Ice on the quay"]
 
 
-def test_environment_supplies_the_secret_key(tmp_path: Path, smtp, smtp_port: int) -> None:  # noqa: ANN001
+def test_environment_supplies_the_secret_key(tmp_path: Path, smtp, smtp_port: int) -> None:
     config = write(tmp_path, settings(tmp_path, smtp_port=smtp_port, secret=None))
     assert "secret_key" in config_error(newsletter("--config", str(config), "db", "upgrade"))
 
     secret = f"from-the-environment-{uuid.uuid4().hex}"
     env = {"NEWSLETTER_SECURITY__SECRET_KEY": secret}
-    for command in (["db", "upgrade"],
-                    ["posts", "add", "--title", "Spring tides", "--url", "https://harbour-notes.example/tides/"],
-                    ["send", "--to", "me@example.com"]):
+    for command in (
+        ["db", "upgrade"],
+        ["posts", "add", "--title", "Spring tides", "--url", "https://harbour-notes.example/tides/"],
+        ["send", "--to", "me@example.com"],
+    ):
         result = newsletter("--config", str(config), *command, env=env)
         assert result.returncode == 0, result.stderr
 
@@ -215,10 +234,7 @@ def test_misspelt_environment_variable_is_named(tmp_path: Path) -> None:
 
 
 def test_example_config_works_with_only_the_secret_key_set(tmp_path: Path) -> None:
-    example = ROOT / "config.example.toml"
-    if not example.is_file():
-        pytest.skip("config.example.toml is not in the repository yet")
-    shutil.copy(example, tmp_path / "config.toml")
+    shutil.copy(ROOT / "config.example.toml", tmp_path / "config.toml")
     result = newsletter("db", "upgrade", env={"NEWSLETTER_SECURITY__SECRET_KEY": "s3cret-for-tests"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "database upgraded" in result.stdout and (tmp_path / "newsletter.db").is_file()

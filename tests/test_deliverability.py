@@ -13,18 +13,18 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from pathlib import Path
-from typing import Callable
 
 import dkim
 import pytest
 from click.testing import CliRunner, Result
 
-from newsletter.app import create_app
 from newsletter.checks import Check, is_free_mail, run_checks
 from newsletter.cli import cli
 from newsletter.config import ConfigError, load_config
+from newsletter.runtime import Newsletter
 from newsletter.signing import load_signer
 
 from .conftest import free_port, publish
@@ -33,25 +33,45 @@ from .test_messages import raw_headers
 SELECTOR = "news2026"
 FROM_DOMAIN = "harbour-notes.example"
 TITLE = "Grüße vom Hafen: the north quay reopens after the frost"
-SUMMARY = ("<p>The harbour master reopened the north quay on Tuesday morning, three days after the first hard "
-           "frost of the year cracked two of its old granite slabs. The fishing boats that had moored at the "
-           "ferry pier moved back by noon, and the fish market keeps its usual hours this week.</p>"
-           "<p>Repairs to the south quay start in May. The council has published the timetable and the list "
-           "of berths that stay closed while the work goes on; we will write about it when the first crane "
-           "arrives.</p>"
-           '<p><a href="https://harbour-notes.example/2025/04/quay-reopens/">Continue reading</a></p>')
+SUMMARY = (
+    "<p>The harbour master reopened the north quay on Tuesday morning, three days after the first hard "
+    "frost of the year cracked two of its old granite slabs. The fishing boats that had moored at the "
+    "ferry pier moved back by noon, and the fish market keeps its usual hours this week.</p>"
+    "<p>Repairs to the south quay start in May. The council has published the timetable and the list "
+    "of berths that stay closed while the work goes on; we will write about it when the first crane "
+    "arrives.</p>"
+    '<p><a href="https://harbour-notes.example/2025/04/quay-reopens/">Continue reading</a></p>'
+)
 MAX_SCORE = 1.0
 IGNORED_RULES = {"NO_RECEIVED", "NO_RELAYS"}  # informational, -0.0: every unrelayed message has them
 # SPAM-2: rules a generated newsletter trips when it gets something wrong (a trailing * matches a family).
-DENYLIST = ("MISSING_DATE", "MISSING_MID", "MISSING_FROM", "MISSING_HEADERS", "INVALID_DATE", "DATE_IN_FUTURE_*",
-            "MIME_HTML_ONLY", "MPART_ALT_DIFF*", "HTML_IMAGE_ONLY_*", "HTML_SHORT_LINK_IMG_*", "HTTPS_HTTP_MISMATCH",
-            "SUBJ_ALL_CAPS", "SUBJECT_NEEDS_ENCODING", "MIME_QP_LONG_LINE", "HTML_MIME_NO_HTML_TAG",
-            "TO_NO_BRKTS_HTML_ONLY", "MIME_BASE64_TEXT", "FREEMAIL_FROM", "FORGED_GMAIL_RCVD",
-            "HTML_FONT_LOW_CONTRAST")
+DENYLIST = (
+    "MISSING_DATE",
+    "MISSING_MID",
+    "MISSING_FROM",
+    "MISSING_HEADERS",
+    "INVALID_DATE",
+    "DATE_IN_FUTURE_*",
+    "MIME_HTML_ONLY",
+    "MPART_ALT_DIFF*",
+    "HTML_IMAGE_ONLY_*",
+    "HTML_SHORT_LINK_IMG_*",
+    "HTTPS_HTTP_MISMATCH",
+    "SUBJ_ALL_CAPS",
+    "SUBJECT_NEEDS_ENCODING",
+    "MIME_QP_LONG_LINE",
+    "HTML_MIME_NO_HTML_TAG",
+    "TO_NO_BRKTS_HTML_ONLY",
+    "MIME_BASE64_TEXT",
+    "FREEMAIL_FROM",
+    "FORGED_GMAIL_RCVD",
+    "HTML_FONT_LOW_CONTRAST",
+)
 LIST_UNSUBSCRIBE = re.compile(rb"^<https://news\.example\.com/unsubscribe/[A-Za-z0-9._~%-]+>$")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
 
 def header_values(raw: bytes, name: str) -> list[bytes]:
     return [value for field, value in raw_headers(raw) if field.lower() == name.lower()]
@@ -68,10 +88,16 @@ def html_only(raw: bytes) -> bytes:
     """The same message with its text/plain part dropped: a single text/html body."""
     msg = message_from_bytes(raw, policy=policy.default)
     html = msg.get_body(("html",))
-    head = b"".join(f"{field}:".encode("ascii") + value + b"\r\n" for field, value in raw_headers(raw)
-                    if field.lower() != "content-type")
-    return (head + b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
-            + html.get_payload(decode=False).encode("ascii"))
+    head = b"".join(
+        f"{field}:".encode("ascii") + value + b"\r\n"
+        for field, value in raw_headers(raw)
+        if field.lower() != "content-type"
+    )
+    return (
+        head
+        + b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+        + html.get_payload(decode=False).encode("ascii")
+    )
 
 
 def notify(run: Callable[..., Result], feed: Path, title: str = TITLE, summary: str = SUMMARY) -> None:
@@ -84,7 +110,7 @@ def notify(run: Callable[..., Result], feed: Path, title: str = TITLE, summary: 
     assert " 0 failed" in result.output, result.output
 
 
-def sign_up(site, smtp, address: str = "ada@example.com") -> tuple[bytes, bytes]:  # noqa: ANN001
+def sign_up(site, smtp, address: str = "ada@example.com") -> tuple[bytes, bytes]:
     """Subscribe over HTTP and confirm with the emailed link; returns the confirmation and welcome emails."""
     assert site.subscribe(address).status_code == 200
     site.deliver_outbox()
@@ -101,8 +127,13 @@ def variant(config_file: Path, replace: dict[str, object] | None = None, append:
     """A copy of the test configuration with some `key = value` lines changed and TOML appended."""
     content = config_file.read_text(encoding="utf-8")
     for key, value in (replace or {}).items():
-        content, count = re.subn(rf"^{key} = .*$", lambda _: f"{key} = {json.dumps(value)}", content,
-                                 count=1, flags=re.M)
+        content, count = re.subn(
+            rf"^{key} = .*$",
+            lambda _, key=key, value=value: f"{key} = {json.dumps(value)}",
+            content,
+            count=1,
+            flags=re.M,
+        )
         assert count == 1, key
     path = config_file.with_name("variant.toml")
     path.write_text(content + append, encoding="utf-8")
@@ -116,6 +147,7 @@ def dkim_section(key_file: Path, **more: str) -> str:
 
 # ---- fixtures: DKIM on or off ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def key_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, str]:
     """A new RSA 2048 key: (private key PEM, base64 DER SubjectPublicKeyInfo for the DNS record)."""
@@ -128,14 +160,13 @@ def key_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, str]:
             pytest.skip("neither the cryptography package nor openssl is available to make a test key")
         path = tmp_path_factory.mktemp("dkim-key") / "key.pem"
         subprocess.run([openssl, "genrsa", "-out", str(path), "2048"], check=True, capture_output=True)
-        public = subprocess.run([openssl, "rsa", "-in", str(path), "-pubout", "-outform", "DER"], check=True,
-                                capture_output=True).stdout
+        public = subprocess.run(
+            [openssl, "rsa", "-in", str(path), "-pubout", "-outform", "DER"], check=True, capture_output=True
+        ).stdout
         return path.read_bytes(), base64.b64encode(public).decode("ascii")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem, base64.b64encode(public).decode("ascii")
 
 
@@ -177,8 +208,13 @@ def spamassassin(tmp_path: Path) -> Scorer:
     home.mkdir()
 
     def score(raw: bytes) -> tuple[float, list[str]]:
-        result = subprocess.run([binary, "-L", "-t", "-x", "--cf=use_bayes 0"], input=raw, capture_output=True,
-                                timeout=120, env={**os.environ, "HOME": str(home)})
+        result = subprocess.run(
+            [binary, "-L", "-t", "-x", "--cf=use_bayes 0"],
+            input=raw,
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "HOME": str(home)},
+        )
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         text = result.stdout.decode("utf-8", "replace")
         status = re.search(r"^X-Spam-Status:(.*(?:\r?\n[ \t].*)*)", text, re.M)
@@ -201,8 +237,11 @@ def report(name: str, scored: tuple[float, list[str]]) -> str:
 
 
 def denied(rules: list[str]) -> list[str]:
-    return [rule for rule in rules
-            if any(rule == entry or (entry.endswith("*") and rule.startswith(entry[:-1])) for entry in DENYLIST)]
+    return [
+        rule
+        for rule in rules
+        if any(rule == entry or (entry.endswith("*") and rule.startswith(entry[:-1])) for entry in DENYLIST)
+    ]
 
 
 def assert_scores_low(name: str, scored: tuple[float, list[str]]) -> None:
@@ -220,7 +259,7 @@ def assert_list_unsubscribe_plain(raw: bytes) -> None:
     assert header_values(raw, "List-Unsubscribe-Post") == [b" List-Unsubscribe=One-Click"]
 
 
-def test_confirmation_and_welcome_score_low_spam1(site, smtp, spamassassin) -> None:  # noqa: ANN001
+def test_confirmation_and_welcome_score_low_spam1(site, smtp, spamassassin) -> None:
     """SPAM-1: the confirmation and welcome emails, as received over SMTP, score below 1.0 offline."""
     confirmation, welcome = sign_up(site, smtp)
     assert_scores_low("confirmation", spamassassin(confirmation))
@@ -229,7 +268,8 @@ def test_confirmation_and_welcome_score_low_spam1(site, smtp, spamassassin) -> N
 
 @pytest.mark.parametrize("dkim_settings", [None, {}], ids=["unsigned", "dkim"])
 def test_notification_scores_low_and_keeps_list_unsubscribe_plain_spam1_msg14(
-        dkim_settings, smtp, run, feed, spamassassin) -> None:  # noqa: ANN001
+    dkim_settings, smtp, run, feed, spamassassin
+) -> None:
     """SPAM-1: a notification with a non-ASCII title and a real summary scores below 1.0, signed or not;
     MSG-14: the bytes SpamAssassin saw carry List-Unsubscribe as one plain https URL in angle brackets."""
     notify(run, feed)
@@ -237,13 +277,18 @@ def test_notification_scores_low_and_keeps_list_unsubscribe_plain_spam1_msg14(
     assert note.message["Subject"] == TITLE
     assert_list_unsubscribe_plain(note.raw)
     assert bool(header_values(note.raw, "DKIM-Signature")) == (dkim_settings is not None)
-    assert_scores_low(f"notification ({'signed' if dkim_settings is not None else 'unsigned'})",
-                      spamassassin(note.raw))
+    assert_scores_low(f"notification ({'signed' if dkim_settings is not None else 'unsigned'})", spamassassin(note.raw))
 
 
 @pytest.mark.parametrize("damage, rule", [("no Date", "MISSING_DATE"), ("HTML only", "MIME_HTML_ONLY")])
-def test_harness_catches_a_broken_notification_spam2(damage, rule, smtp, run, feed,  # noqa: ANN001
-                                                     spamassassin) -> None:
+def test_harness_catches_a_broken_notification_spam2(
+    damage,
+    rule,
+    smtp,
+    run,
+    feed,
+    spamassassin,
+) -> None:
     """SPAM-2 negative control: the same notification with its Date removed, or with only its HTML part,
     makes SpamAssassin fire the rule for it, so a passing score above means something."""
     notify(run, feed)
@@ -255,6 +300,7 @@ def test_harness_catches_a_broken_notification_spam2(damage, rule, smtp, run, fe
 
 
 # ---- DKIM -------------------------------------------------------------------------------------------
+
 
 class FakeDNS:
     """dkimpy's dnsfunc: the TXT record of <selector>._domainkey.<domain>, and nothing else."""
@@ -280,8 +326,9 @@ def signed_headers(raw: bytes) -> list[str]:
 
 
 @DKIM_ON
-def test_notification_is_signed_over_the_one_click_headers_msg13_bulk4(dkim_settings, smtp, run, feed,
-                                                                      key_pair) -> None:  # noqa: ANN001
+def test_notification_is_signed_over_the_one_click_headers_msg13_bulk4(
+    dkim_settings, smtp, run, feed, key_pair
+) -> None:
     """MSG-13: the notification as received verifies against the published key, with d= the From domain
     and h= covering From, Subject and both List-Unsubscribe fields; BULK-4: those are oversigned."""
     notify(run, feed)
@@ -293,24 +340,43 @@ def test_notification_is_signed_over_the_one_click_headers_msg13_bulk4(dkim_sett
     tags = signature_tags(note.raw)
     assert (tags["d"], tags["s"], tags["c"], tags["a"]) == (FROM_DOMAIN, SELECTOR, "relaxed/relaxed", "rsa-sha256")
     headers = signed_headers(note.raw)
-    assert {"from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post", "list-id",
-            "mime-version", "content-type"} <= set(headers), headers
+    assert {
+        "from",
+        "to",
+        "subject",
+        "date",
+        "message-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "list-id",
+        "mime-version",
+        "content-type",
+    } <= set(headers), headers
     for name in ("from", "list-unsubscribe", "list-unsubscribe-post"):
         assert headers.count(name) == 2, (name, headers)  # once more than present: none can be added
 
 
 @DKIM_ON
-def test_tampered_list_unsubscribe_fails_verification_msg13(dkim_settings, smtp, run, feed,  # noqa: ANN001
-                                                            key_pair) -> None:
+def test_tampered_list_unsubscribe_fails_verification_msg13(
+    dkim_settings,
+    smtp,
+    run,
+    feed,
+    key_pair,
+) -> None:
     """A changed or an added List-Unsubscribe breaks the signature; a relay's Received line does not."""
     notify(run, feed)
     [note] = smtp.to("reader@example.com")
     dns = FakeDNS(key_pair[1])
     [value] = header_values(note.raw, "List-Unsubscribe")
-    changed = note.raw.replace(b"List-Unsubscribe:" + value + b"\r\n",
-                               b"List-Unsubscribe:" + value.replace(b"news.example.com", b"news.example.net") + b"\r\n")
-    added = note.raw.replace(b"List-Unsubscribe:" + value + b"\r\n",
-                             b"List-Unsubscribe:" + value + b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n")
+    changed = note.raw.replace(
+        b"List-Unsubscribe:" + value + b"\r\n",
+        b"List-Unsubscribe:" + value.replace(b"news.example.com", b"news.example.net") + b"\r\n",
+    )
+    added = note.raw.replace(
+        b"List-Unsubscribe:" + value + b"\r\n",
+        b"List-Unsubscribe:" + value + b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n",
+    )
     relayed = b"Received: from relay.example by mx.example; Tue, 1 Apr 2025 10:00:01 +0000\r\n" + note.raw
     assert changed != note.raw and added != note.raw
     assert not dkim.verify(changed, dnsfunc=dns)
@@ -319,8 +385,7 @@ def test_tampered_list_unsubscribe_fails_verification_msg13(dkim_settings, smtp,
 
 
 @DKIM_ON
-def test_confirmation_welcome_and_test_copy_are_signed(dkim_settings, site, smtp, run, feed,
-                                                       key_pair) -> None:  # noqa: ANN001
+def test_confirmation_welcome_and_test_copy_are_signed(dkim_settings, site, smtp, run, feed, key_pair) -> None:
     """One-off emails are signed when the outbox delivers them, and so is `send --to`'s copy."""
     confirmation, welcome = sign_up(site, smtp)
     notify(run, feed)
@@ -337,7 +402,7 @@ def test_confirmation_welcome_and_test_copy_are_signed(dkim_settings, site, smtp
 
 
 @pytest.mark.parametrize("dkim_settings", [{"domain": f"mail.{FROM_DOMAIN}"}], ids=["dkim-domain"])
-def test_dkim_domain_sets_d_and_the_key_lookup(dkim_settings, smtp, run, feed, key_pair) -> None:  # noqa: ANN001
+def test_dkim_domain_sets_d_and_the_key_lookup(dkim_settings, smtp, run, feed, key_pair) -> None:
     """[dkim] domain, when set, is the d= of the signature and the domain under which the key is looked up."""
     notify(run, feed)
     [note] = smtp.to("reader@example.com")
@@ -346,7 +411,7 @@ def test_dkim_domain_sets_d_and_the_key_lookup(dkim_settings, smtp, run, feed, k
     assert signature_tags(note.raw)["d"] == f"mail.{FROM_DOMAIN}"
 
 
-def test_load_signer_reads_pkcs1_and_pkcs8_keys(tmp_path: Path, config_file: Path, key_pair) -> None:  # noqa: ANN001
+def test_load_signer_reads_pkcs1_and_pkcs8_keys(tmp_path: Path, config_file: Path, key_pair) -> None:
     """Both PEM forms openssl writes load (also with CRLF line ends), the public key derived from them is the
     generator's, and the signer signs."""
     pkcs8 = tmp_path / "pkcs8.pem"
@@ -357,8 +422,9 @@ def test_load_signer_reads_pkcs1_and_pkcs8_keys(tmp_path: Path, config_file: Pat
     openssl = shutil.which("openssl")
     if openssl:
         pkcs1 = tmp_path / "pkcs1.pem"
-        subprocess.run([openssl, "rsa", "-in", str(pkcs8), "-out", str(pkcs1), "-traditional"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [openssl, "rsa", "-in", str(pkcs8), "-out", str(pkcs1), "-traditional"], check=True, capture_output=True
+        )
         assert pkcs1.read_bytes().startswith(b"-----BEGIN RSA PRIVATE KEY-----")
         forms.append(pkcs1)
     for key_file in forms:
@@ -383,11 +449,17 @@ def one_line_config_error(config: Path) -> str:
     return message
 
 
-@pytest.mark.parametrize("content", [None, b"", b"not a key\n",
-                                     b"-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n"
-                                     b"-----END PUBLIC KEY-----\n"],
-                         ids=["missing", "empty", "text", "public key"])
-def test_unusable_key_file_is_one_config_error_line(content, tmp_path: Path, config_file: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,
+        b"",
+        b"not a key\n",
+        b"-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----\n",
+    ],
+    ids=["missing", "empty", "text", "public key"],
+)
+def test_unusable_key_file_is_one_config_error_line(content, tmp_path: Path, config_file: Path) -> None:
     """A key file that is missing or is not a private key names [dkim] private_key_file in one line."""
     key_file = tmp_path / "dkim.pem"
     if content is not None:
@@ -407,13 +479,13 @@ def test_short_key_is_refused(tmp_path: Path, config_file: Path) -> None:
 
 
 def test_half_configured_dkim_is_a_config_error(tmp_path: Path, config_file: Path) -> None:
-    only_key = "\n[dkim]\nprivate_key_file = \"dkim.pem\"\n"
+    only_key = '\n[dkim]\nprivate_key_file = "dkim.pem"\n'
     assert "[dkim] selector" in one_line_config_error(variant(config_file, append=only_key))
-    only_selector = "\n[dkim]\nselector = \"news2026\"\n"
+    only_selector = '\n[dkim]\nselector = "news2026"\n'
     assert "[dkim] private_key_file" in one_line_config_error(variant(config_file, append=only_selector))
 
 
-def test_missing_key_file_stops_the_command_with_exit_2(app, config_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_missing_key_file_stops_the_command_with_exit_2(app, config_file: Path, tmp_path: Path) -> None:
     """The commands check the key at start-up: exit status 2 and one line naming the key, nothing sent."""
     missing = tmp_path / "no-such-dkim.pem"
     config = variant(config_file, append=dkim_section(missing))
@@ -425,16 +497,17 @@ def test_missing_key_file_stops_the_command_with_exit_2(app, config_file: Path, 
 
 # ---- newsletter check -------------------------------------------------------------------------------
 
+
 def by_name(checks: list[Check]) -> dict[str, Check]:
     names = [check.name for check in checks]
     assert len(names) == len(set(names)), names
     return {check.name: check for check in checks}
 
 
-def test_checks_pass_on_a_good_configuration(app, smtp) -> None:  # noqa: ANN001
+def test_checks_pass_on_a_good_configuration(app, smtp) -> None:
     """https links, a From on the blog's domain and a reachable SMTP relay are ok; DKIM off is information,
     and the sample notification shows the one-click headers."""
-    listed = run_checks(app)
+    listed = run_checks(app.extensions["newsletter"])
     assert [c.name for c in listed] == ["base_url", "from", "smtp", "dkim", "sample headers"]
     checks = by_name(listed)
     for name in ("base_url", "from", "smtp"):
@@ -449,8 +522,8 @@ def test_checks_pass_on_a_good_configuration(app, smtp) -> None:  # noqa: ANN001
 
 
 @DKIM_ON
-def test_checks_describe_dkim_and_show_a_signed_sample(dkim_settings, app, smtp, key_pair) -> None:  # noqa: ANN001
-    checks = by_name(run_checks(app))
+def test_checks_describe_dkim_and_show_a_signed_sample(dkim_settings, app, smtp, key_pair) -> None:
+    checks = by_name(run_checks(app.extensions["newsletter"]))
     assert all(check.ok is not False for check in checks.values()), checks
     dkim_line = checks["dkim"]
     assert dkim_line.ok is True
@@ -463,13 +536,17 @@ def test_checks_describe_dkim_and_show_a_signed_sample(dkim_settings, app, smtp,
 def test_checks_name_each_problem(config_file: Path, tmp_path: Path) -> None:
     """http links, a gmail.com From and an SMTP port nobody listens on each give a failed check saying so."""
     port = free_port()
-    config = load_config(variant(config_file, {"base_url": "http://news.example.com",
-                                               "from": "Harbour Notes <harbour.notes@gmail.com>", "port": port}))
-    application = create_app(config)
+    config = load_config(
+        variant(
+            config_file,
+            {"base_url": "http://news.example.com", "from": "Harbour Notes <harbour.notes@gmail.com>", "port": port},
+        )
+    )
+    nl = Newsletter(config)
     try:
-        checks = by_name(run_checks(application))
+        checks = by_name(run_checks(nl))
     finally:
-        application.extensions["newsletter"].engine.dispose()
+        nl.engine.dispose()
     assert checks["base_url"].ok is False and "https" in checks["base_url"].detail
     assert checks["from"].ok is False and "gmail.com" in checks["from"].detail
     assert checks["smtp"].ok is False
@@ -477,47 +554,64 @@ def test_checks_name_each_problem(config_file: Path, tmp_path: Path) -> None:
     assert "sample headers" in checks
 
 
-def test_check_reports_a_relay_without_starttls(config_file: Path, smtp) -> None:  # noqa: ANN001
+def test_check_reports_a_relay_without_starttls(config_file: Path, smtp) -> None:
     """security = starttls against a server that does not offer it: the mailer's one line, as a failure."""
-    application = create_app(load_config(variant(config_file, {"security": "starttls"})))
+    nl = Newsletter(load_config(variant(config_file, {"security": "starttls"})))
     try:
-        smtp_check = by_name(run_checks(application))["smtp"]
+        smtp_check = by_name(run_checks(nl))["smtp"]
     finally:
-        application.extensions["newsletter"].engine.dispose()
+        nl.engine.dispose()
     assert smtp_check.ok is False and "STARTTLS" in smtp_check.detail
 
 
-def test_check_flags_a_dkim_domain_that_does_not_align_with_from(config_file: Path, tmp_path: Path,
-                                                                 key_pair) -> None:  # noqa: ANN001
+def test_check_flags_a_dkim_domain_that_does_not_align_with_from(config_file: Path, tmp_path: Path, key_pair) -> None:
     key_file = tmp_path / "dkim.pem"
     key_file.write_bytes(key_pair[0])
     config = variant(config_file, append=dkim_section(key_file, domain="other-blog.example"))
-    application = create_app(load_config(config))
+    nl = Newsletter(load_config(config))
     try:
-        checks = by_name(run_checks(application))
+        checks = by_name(run_checks(nl))
     finally:
-        application.extensions["newsletter"].engine.dispose()
+        nl.engine.dispose()
     assert checks["dkim"].ok is True
     assert checks["from"].ok is False and "other-blog.example" in checks["from"].detail
 
 
 def test_check_reports_an_unusable_key(config_file: Path, tmp_path: Path) -> None:
     missing = tmp_path / "gone.pem"
-    application = create_app(load_config(variant(config_file, append=dkim_section(missing))))
+    nl = Newsletter(load_config(variant(config_file, append=dkim_section(missing))))
     try:
-        dkim_check = by_name(run_checks(application))["dkim"]
+        dkim_check = by_name(run_checks(nl))["dkim"]
     finally:
-        application.extensions["newsletter"].engine.dispose()
+        nl.engine.dispose()
     assert dkim_check.ok is False and "[dkim] private_key_file" in dkim_check.detail
 
 
-@pytest.mark.parametrize("domain, free", [
-    ("gmail.com", True), ("googlemail.com", True), ("yahoo.com", True), ("yahoo.co.uk", True),
-    ("outlook.com", True), ("hotmail.fr", True), ("icloud.com", True), ("aol.com", True), ("gmx.de", True),
-    ("gmx.net", True), ("proton.me", True), ("protonmail.com", True), ("yandex.ru", True), ("yandex.com.tr", True),
-    ("mail.ru", True), ("GMAIL.COM.", True),
-    (FROM_DOMAIN, False), ("outlook.harbour-notes.example", False), ("gmxample.com", False),
-    ("mail.example.org", False), ("yahoo-fans.example", False),
-])
+@pytest.mark.parametrize(
+    "domain, free",
+    [
+        ("gmail.com", True),
+        ("googlemail.com", True),
+        ("yahoo.com", True),
+        ("yahoo.co.uk", True),
+        ("outlook.com", True),
+        ("hotmail.fr", True),
+        ("icloud.com", True),
+        ("aol.com", True),
+        ("gmx.de", True),
+        ("gmx.net", True),
+        ("proton.me", True),
+        ("protonmail.com", True),
+        ("yandex.ru", True),
+        ("yandex.com.tr", True),
+        ("mail.ru", True),
+        ("GMAIL.COM.", True),
+        (FROM_DOMAIN, False),
+        ("outlook.harbour-notes.example", False),
+        ("gmxample.com", False),
+        ("mail.example.org", False),
+        ("yahoo-fans.example", False),
+    ],
+)
 def test_free_mail_domains(domain: str, free: bool) -> None:
     assert is_free_mail(domain) is free

@@ -16,9 +16,9 @@ import re
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -35,6 +35,7 @@ MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.I
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
+
 def configure(config_file: Path, **smtp: int) -> None:
     """Set [smtp] keys in the test's config file, replacing any it has."""
     lines, section = [], ""
@@ -49,25 +50,27 @@ def configure(config_file: Path, **smtp: int) -> None:
     config_file.write_text("\n".join(lines) + "\n")
 
 
-def add_readers(nl, count: int, prefix: str = "reader") -> list[str]:  # noqa: ANN001
+def add_readers(nl, count: int, prefix: str = "reader") -> list[str]:
     """COUNT confirmed subscribers PREFIX1@example.com ... in one set-based INSERT; returns their addresses."""
     address = f"'{prefix}' || n || '@example.com'"
     columns = "email, email_key, email_ascii, status, created_at, subscribed_at, confirmed_at"
     values = f"{address}, {address}, {address}, 'confirmed', :now, :now, :now"
     if nl.engine.dialect.name == "sqlite":
-        sql = (f"INSERT INTO subscribers ({columns}) WITH RECURSIVE seq(n) AS "
-               f"(SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :count) SELECT {values} FROM seq")
+        sql = (
+            f"INSERT INTO subscribers ({columns}) WITH RECURSIVE seq(n) AS "
+            f"(SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :count) SELECT {values} FROM seq"
+        )
     else:
         sql = f"INSERT INTO subscribers ({columns}) SELECT {values} FROM generate_series(1, :count) AS n"
     statement = text(sql).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("count"))
     with nl.engine.begin() as conn:
-        conn.execute(statement, {"count": count, "now": datetime.now(timezone.utc)})
+        conn.execute(statement, {"count": count, "now": datetime.now(UTC)})
         if nl.engine.dialect.name == "postgresql":
             conn.execute(text("ANALYZE subscribers"))
     return [f"{prefix}{n}@example.com" for n in range(1, count + 1)]
 
 
-def new_post(run, feed: Path) -> None:  # noqa: ANN001
+def new_post(run, feed: Path) -> None:
     """Take the feed as it is as already announced, then publish one new post for `send` to announce."""
     assert run("posts", "fetch").exit_code == 0
     publish(feed, "Storm warning", "storm")
@@ -86,25 +89,35 @@ def message_id(content: bytes) -> str:
     return match.group(1).decode()
 
 
-def delivery_rows(nl) -> dict[str, tuple[DeliveryStatus, str | None, Status]]:  # noqa: ANN001
+def delivery_rows(nl) -> dict[str, tuple[DeliveryStatus, str | None, Status]]:
     """address -> (delivery status, delivery error, subscriber status), for the one post being sent."""
     with nl.sessions() as session:
-        rows = session.execute(select(Subscriber.email_key, Delivery.status, Delivery.error, Subscriber.status)
-                               .join(Delivery, Delivery.subscriber_id == Subscriber.id))
+        rows = session.execute(
+            select(Subscriber.email_key, Delivery.status, Delivery.error, Subscriber.status).join(
+                Delivery, Delivery.subscriber_id == Subscriber.id
+            )
+        )
         return {address: (status, error, reader) for address, status, error, reader in rows}
 
 
-def in_flight(nl) -> set[str]:  # noqa: ANN001
+def in_flight(nl) -> set[str]:
     """Recipients whose delivery is recorded as `sending` (claimed, outcome not yet recorded)."""
     with nl.sessions() as session:
-        return set(session.scalars(select(Subscriber.email_key).join(Delivery, Delivery.subscriber_id == Subscriber.id)
-                                   .where(Delivery.status == DeliveryStatus.SENDING)))
+        return set(
+            session.scalars(
+                select(Subscriber.email_key)
+                .join(Delivery, Delivery.subscriber_id == Subscriber.id)
+                .where(Delivery.status == DeliveryStatus.SENDING)
+            )
+        )
 
 
-def count_sent(nl) -> int:  # noqa: ANN001
+def count_sent(nl) -> int:
     with nl.sessions() as session:
-        return session.scalar(select(func.count()).select_from(Delivery)
-                              .where(Delivery.status == DeliveryStatus.SENT)) or 0
+        return (
+            session.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.SENT))
+            or 0
+        )
 
 
 @contextlib.contextmanager
@@ -122,7 +135,7 @@ class Pipelining:
 
     pipelining = True
 
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
@@ -139,11 +152,16 @@ def settled(items: list, quiet: float = 0.3) -> None:
 
 
 def send_process(config_file: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(["newsletter", "--config", str(config_file), "send"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["newsletter", "--config", str(config_file), "send"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 # ---- 1. a hostile server --------------------------------------------------------------------------
+
 
 class Hostile(Pipelining):
     """Refuses some transactions for a while, refuses some recipients for good, and hangs up now and then.
@@ -169,7 +187,7 @@ class Hostile(Pipelining):
     def refusal(address: str) -> str:
         return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown in virtual mailbox table"
 
-    async def _drop(self, server, kind: str) -> str:  # noqa: ANN001
+    async def _drop(self, server, kind: str) -> str:
         self.faults[kind] += 1
         transport = server.transport
         while transport.get_write_buffer_size():  # earlier replies (a 250 for stored content) go out first
@@ -177,7 +195,7 @@ class Hostile(Pipelining):
         transport.close()  # with nothing left to write, anything answered from now on is discarded
         return "250 never seen by the client"
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: ANN001
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
         draw = self.draws.random()
         if draw < self.MAIL_DROP:
             return await self._drop(server, "drop at MAIL")
@@ -189,7 +207,7 @@ class Hostile(Pipelining):
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address in self.refused:
             self.faults["550 at RCPT"] += 1
             return self.refusal(address)
@@ -199,18 +217,17 @@ class Hostile(Pipelining):
             return await self._drop(server, "drop at RCPT")
         if draw < self.RCPT_DROP + self.RCPT_451:
             self.faults["451 at RCPT"] += 1
-            return "451 4.3.0 <{}>: Temporary lookup failure, try again later".format(address)
+            return f"451 4.3.0 <{address}>: Temporary lookup failure, try again later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         for recipient in envelope.rcpt_tos:
             self.stored.append((recipient, message_id(envelope.content)))
         return f"250 2.0.0 Ok: queued as H{len(self.stored)}"
 
 
-def test_hostile_server_every_deliverable_reader_gets_exactly_one_copy(run, nl, config_file, feed,
-                                                                         smtp_port) -> None:  # noqa: ANN001
+def test_hostile_server_every_deliverable_reader_gets_exactly_one_copy(run, nl, config_file, feed, smtp_port) -> None:
     started = time.monotonic()
     configure(config_file, connections=4, batch_size=20)
     readers = add_readers(nl, 600)
@@ -263,6 +280,7 @@ def test_hostile_server_every_deliverable_reader_gets_exactly_one_copy(run, nl, 
 
 # ---- 2. kill -9 at random moments -----------------------------------------------------------------
 
+
 class Tally(Pipelining):
     """A fast sink: keeps only the recipient, the Message-ID and which sender run it came from."""
 
@@ -272,7 +290,7 @@ class Tally(Pipelining):
         self.target: int | None = None
         self.reached = threading.Event()
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         self.arrivals.append((envelope.rcpt_tos[0], message_id(envelope.content), self.run))
         if self.target is not None and len(self.arrivals) >= self.target:
             self.reached.set()
@@ -280,7 +298,8 @@ class Tally(Pipelining):
 
 
 def test_kill_9_at_random_moments_misses_nobody_and_duplicates_only_in_flight_batches(
-        run, nl, config_file, feed, smtp_port) -> None:  # noqa: ANN001
+    run, nl, config_file, feed, smtp_port
+) -> None:
     started = time.monotonic()
     connections, batch_size, total = 4, 50, 20_000
     bound = connections * batch_size
@@ -324,7 +343,7 @@ def test_kill_9_at_random_moments_misses_nobody_and_duplicates_only_in_flight_ba
             # a second copy comes from the run after a kill, and only for a message in flight at that kill
             assert sender_run >= 1 and recipient in inflight[sender_run - 1], (recipient, seen)
             duplicates_per_kill[sender_run - 1] += 1
-    for count, flying in zip(duplicates_per_kill, inflight):
+    for count, flying in zip(duplicates_per_kill, inflight, strict=True):
         assert len(flying) <= bound
         assert count <= bound
     assert sum(duplicates_per_kill) <= len(kill_at) * bound
@@ -333,22 +352,25 @@ def test_kill_9_at_random_moments_misses_nobody_and_duplicates_only_in_flight_ba
     if inflight[-1]:
         assert f"{len(inflight[-1])} possibly duplicated" in output
     took = time.monotonic() - started
-    print(f"\nkill -9 at {kill_at}: in flight {[len(f) for f in inflight]}, "
-          f"duplicates {duplicates_per_kill}, {len(sink.arrivals)} messages, {took:.1f} s")
+    print(
+        f"\nkill -9 at {kill_at}: in flight {[len(f) for f in inflight]}, "
+        f"duplicates {duplicates_per_kill}, {len(sink.arrivals)} messages, {took:.1f} s"
+    )
 
 
 # ---- 3. max_per_second ----------------------------------------------------------------------------
+
 
 class Clock(Pipelining):
     def __init__(self) -> None:
         self.arrivals: list[tuple[float, str]] = []
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         self.arrivals.append((time.monotonic(), envelope.rcpt_tos[0]))
         return "250 2.0.0 Ok"
 
 
-def test_max_per_second_is_the_rate_the_server_sees(run, nl, config_file, feed, smtp_port) -> None:  # noqa: ANN001
+def test_max_per_second_is_the_rate_the_server_sees(run, nl, config_file, feed, smtp_port) -> None:
     configure(config_file, connections=4, batch_size=20, max_per_second=200)
     readers = add_readers(nl, 2000)
     new_post(run, feed)
@@ -361,14 +383,14 @@ def test_max_per_second_is_the_rate_the_server_sees(run, nl, config_file, feed, 
     times = sorted(t for t, _ in sink.arrivals)
     rate = len(times) / (times[-1] - times[0])
     busiest = max(bisect.bisect_left(times, start + 1.0) - i for i, start in enumerate(times))
-    print(f"\nmax_per_second = 200: measured {rate:.1f}/s over {times[-1] - times[0]:.2f} s; "
-          f"busiest second {busiest}")
+    print(f"\nmax_per_second = 200: measured {rate:.1f}/s over {times[-1] - times[0]:.2f} s; busiest second {busiest}")
     assert 180 <= rate <= 220
     # paced throughout, not in bursts: no second goes over the limit by more than one late batch per connection
     assert busiest <= 200 + 4 * 20
 
 
 # ---- 4. max_per_day -------------------------------------------------------------------------------
+
 
 class Keep(Pipelining):
     """Keeps (recipient, Message-ID) of every message; REFUSE_AT_DATA maps a recipient to an end-of-data refusal."""
@@ -379,13 +401,13 @@ class Keep(Pipelining):
         self.refuse_at_rcpt: dict[str, str] = {}
         self.refuse_at_data: dict[str, str] = {}
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address in self.refuse_at_rcpt:
             return self.refuse_at_rcpt[address]
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         recipient, mid = envelope.rcpt_tos[0], message_id(envelope.content)
         if recipient in self.refuse_at_data:
             self.refused.append((recipient, mid))
@@ -397,14 +419,17 @@ class Keep(Pipelining):
         return collections.Counter(recipient for recipient, _ in self.stored)
 
 
-def a_day_passes(nl) -> None:  # noqa: ANN001
+def a_day_passes(nl) -> None:
     """Stand-in for tomorrow: what was sent so far was sent more than a day ago."""
     with nl.sessions.begin() as session:
-        session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENT)
-                        .values(updated_at=utcnow() - timedelta(days=1, minutes=1)))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.status == DeliveryStatus.SENT)
+            .values(updated_at=utcnow() - timedelta(days=1, minutes=1))
+        )
 
 
-def test_max_per_day_spreads_a_send_over_days(run, nl, config_file, feed, smtp_port) -> None:  # noqa: ANN001
+def test_max_per_day_spreads_a_send_over_days(run, nl, config_file, feed, smtp_port) -> None:
     configure(config_file, connections=4, batch_size=20, max_per_day=50)
     readers = add_readers(nl, 120)
     new_post(run, feed)
@@ -438,7 +463,8 @@ def test_max_per_day_spreads_a_send_over_days(run, nl, config_file, feed, smtp_p
 
 
 def test_max_per_day_used_up_by_the_last_message_does_not_hold_the_post_back(
-        run, nl, config_file, feed, smtp_port) -> None:  # noqa: ANN001
+    run, nl, config_file, feed, smtp_port
+) -> None:
     """100 readers, a quota of 50: the second day's 50 finish the post, so that run neither says it stopped
     at the quota nor leaves the post unannounced (the quota ends exactly where the work does)."""
     configure(config_file, connections=4, batch_size=20, max_per_day=50)
@@ -457,8 +483,8 @@ def test_max_per_day_used_up_by_the_last_message_does_not_hold_the_post_back(
 
 # ---- 5. send --retry-failed -----------------------------------------------------------------------
 
-def test_retry_failed_resends_with_the_same_message_id_and_confirms_the_reader_again(
-        run, nl, feed, smtp_port) -> None:  # noqa: ANN001
+
+def test_retry_failed_resends_with_the_same_message_id_and_confirms_the_reader_again(run, nl, feed, smtp_port) -> None:
     readers = add_readers(nl, 5)
     late, gone = readers[1], readers[3]
     new_post(run, feed)
@@ -494,6 +520,7 @@ def test_retry_failed_resends_with_the_same_message_id_and_confirms_the_reader_a
 
 # ---- 6. with and without PIPELINING ---------------------------------------------------------------
 
+
 class Watching(Handler):
     """tests/test_mailer.py's Handler, noting at each RCPT whether the client already sent the DATA after it."""
 
@@ -501,7 +528,7 @@ class Watching(Handler):
         super().__init__(pipelining=pipelining)
         self.data_already_sent: list[bool] = []
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         buffered = getattr(getattr(server, "_reader", None), "_buffer", None)
         if buffered is not None:
             self.data_already_sent.append(b"DATA\r\n" in bytes(buffered))
@@ -509,8 +536,7 @@ class Watching(Handler):
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
-def test_with_and_without_pipelining_everyone_gets_one_copy(run, nl, config_file, feed, smtp_port,
-                                                             pipelining) -> None:  # noqa: ANN001
+def test_with_and_without_pipelining_everyone_gets_one_copy(run, nl, config_file, feed, smtp_port, pipelining) -> None:
     configure(config_file, connections=4, batch_size=20)
     readers = add_readers(nl, 300)
     new_post(run, feed)

@@ -16,13 +16,12 @@ import re
 import secrets
 import socket
 import time
-import tomllib
 import traceback
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import parse_qsl, quote, urlencode
 
 import pytest
@@ -37,10 +36,11 @@ from markupsafe import escape
 from sqlalchemy import func, select
 from werkzeug.http import parse_options_header
 
-from newsletter.serving import WAITRESS_OPTIONS
 from newsletter.cli import cli
 from newsletter.models import OutboxMessage, Post, Signup, Status, Subscriber
-from newsletter.subscriptions import Requester, add
+from newsletter.roster import add
+from newsletter.serving import WAITRESS_OPTIONS
+from newsletter.subscriptions import Requester
 from newsletter.tokens import CONFIRM_SALT, UNSUBSCRIBE_SALT
 
 from .conftest import publish
@@ -56,9 +56,18 @@ TRIED: Counter[str] = Counter()
 
 
 def hostile_settings(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 @pytest.fixture
@@ -86,14 +95,78 @@ def inputs_tried(request: pytest.FixtureRequest) -> Iterator[None]:
 
 # ---- strategies -----------------------------------------------------------------------------------
 
-NAME_OF_AN_EXCEPTION = re.compile(r"Traceback|\b[A-Z][A-Za-z]*(?:Error|Exception)\b|\bKeyboardInterrupt\b"
-                                  r"|File \"[^\"]*\", line \d+")
+NAME_OF_AN_EXCEPTION = re.compile(
+    r"Traceback|\b[A-Z][A-Za-z]*(?:Error|Exception)\b|\bKeyboardInterrupt\b"
+    r"|File \"[^\"]*\", line \d+"
+)
 
-PIECES = ["\x00", "\r", "\n", "\r\n", "\t", "\x0b", "\x0c", "\x1b", "\x7f", "\x85", "\u2028", "\u202e", "\u200b",
-          "\ufeff", "\uffff", "\U0010ffff", " ", "\u00a0", "%", "%00", "%0D%0A", "%FF", "%", "&", "=", ";", "+",
-          "<", ">", '"', "'", "\\", "@", "@@", ".", "..", "/", "?", "#", ",", ":", "[", "]", "(", ")", "é", "ß",
-          "日本", "😀", "xn--", "=?utf-8?q?", "?=", "Bcc: x@y.z", "<script>", "{{7*7}}", "%s", "${x}", "'--",
-          "reader", "example.com", "localhost", "[127.0.0.1]", "\"quoted local\"", "a" * 64, "b" * 300]
+PIECES = [
+    "\x00",
+    "\r",
+    "\n",
+    "\r\n",
+    "\t",
+    "\x0b",
+    "\x0c",
+    "\x1b",
+    "\x7f",
+    "\x85",
+    "\u2028",
+    "\u202e",
+    "\u200b",
+    "\ufeff",
+    "\uffff",
+    "\U0010ffff",
+    " ",
+    "\u00a0",
+    "%",
+    "%00",
+    "%0D%0A",
+    "%FF",
+    "%",
+    "&",
+    "=",
+    ";",
+    "+",
+    "<",
+    ">",
+    '"',
+    "'",
+    "\\",
+    "@",
+    "@@",
+    ".",
+    "..",
+    "/",
+    "?",
+    "#",
+    ",",
+    ":",
+    "[",
+    "]",
+    "(",
+    ")",
+    "é",
+    "ß",
+    "日本",
+    "😀",
+    "xn--",
+    "=?utf-8?q?",
+    "?=",
+    "Bcc: x@y.z",
+    "<script>",
+    "{{7*7}}",
+    "%s",
+    "${x}",
+    "'--",
+    "reader",
+    "example.com",
+    "localhost",
+    "[127.0.0.1]",
+    '"quoted local"',
+    "a" * 64,
+    "b" * 300,
+]
 
 
 def _no_exception_names(text: str) -> bool:
@@ -105,14 +178,24 @@ def hostile_text(max_size: int = 60) -> st.SearchStrategy[str]:
     return st.one_of(
         st.text(max_size=max_size),
         st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=4)), max_size=12).map("".join),
-        st.builds(lambda c, n: c * n, st.sampled_from(["a", "x.", "\x00", "é", "@", "\r\n", " ", "😀"]),
-                  st.integers(250, 5000)),
+        st.builds(
+            lambda c, n: c * n,
+            st.sampled_from(["a", "x.", "\x00", "é", "@", "\r\n", " ", "😀"]),
+            st.integers(250, 5000),
+        ),
     ).filter(_no_exception_names)
 
 
 LOCAL = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,20}", fullmatch=True)
-DOMAINS = ["example.com", "Example.COM", "mail.example.org", "harbour-notes.example", "bücher.example",
-           "xn--bcher-kva.example", "sub.domain.example.net"]
+DOMAINS = [
+    "example.com",
+    "Example.COM",
+    "mail.example.org",
+    "harbour-notes.example",
+    "bücher.example",
+    "xn--bcher-kva.example",
+    "sub.domain.example.net",
+]
 
 
 @st.composite
@@ -126,8 +209,11 @@ def addresses(draw: st.DrawFn) -> str:
         at = draw(st.integers(0, len(well_formed)))
         return well_formed[:at] + draw(hostile_text(20)) + well_formed[at:]
     if kind == "padded":
-        return draw(st.sampled_from([" ", "\t", "\n", "\u00a0", ""])) + well_formed + draw(
-            st.sampled_from([" ", "\r\n", "\x00", "\u2028", ""]))
+        return (
+            draw(st.sampled_from([" ", "\t", "\n", "\u00a0", ""]))
+            + well_formed
+            + draw(st.sampled_from([" ", "\r\n", "\x00", "\u2028", ""]))
+        )
     if kind == "generated":
         return draw(st.emails())
     return draw(hostile_text())
@@ -177,7 +263,7 @@ class Spec:
         fields = fields if len(fields) <= 600 else fields[:600] + "..."
         return f"Spec({self.method} {self.path!r} {self.headers!r} body={body!r} fields={fields})"
 
-    def _repr_pretty_(self, printer, cycle: bool) -> None:  # noqa: ANN001  (how hypothesis shows an example)
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
         printer.text(repr(self))
 
 
@@ -192,8 +278,10 @@ def urlencoded_fields(body: bytes) -> list[tuple[str, str]]:
 
 def multipart(pairs: list[tuple[str, str]], boundary: str) -> bytes:
     """PAIRS as multipart/form-data (field names are kept to what a quoted header parameter can carry)."""
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode()
-             + b"\r\n" for name, value in pairs]
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n"
+        for name, value in pairs
+    ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
@@ -215,9 +303,21 @@ def form_pairs(draw: st.DrawFn) -> list[tuple[str, str]]:
     return draw(st.permutations(pairs))
 
 
-OTHER_TYPES = ["application/json", "text/plain", "text/html", "application/xml", "application/octet-stream",
-               "multipart/mixed; boundary=x", "multipart/form-data", "multipart/form-data; boundary=",
-               "image/png", "x/y", ";;;", "application/x-www-form-urlencoded-not", "form"]
+OTHER_TYPES = [
+    "application/json",
+    "text/plain",
+    "text/html",
+    "application/xml",
+    "application/octet-stream",
+    "multipart/mixed; boundary=x",
+    "multipart/form-data",
+    "multipart/form-data; boundary=",
+    "image/png",
+    "x/y",
+    ";;;",
+    "application/x-www-form-urlencoded-not",
+    "form",
+]
 
 
 @st.composite
@@ -225,13 +325,34 @@ def subscribe_requests(draw: st.DrawFn) -> Spec:
     """POST /subscribe in every shape: forms, raw bytes, multipart, other types, far too big."""
     kind = draw(st.sampled_from(["form"] * 4 + ["raw"] * 2 + ["multipart", "multipart-raw", "other-type", "huge"]))
     headers: dict[str, str] = {}
-    fetch_site = draw(st.one_of(st.none(), st.none(), st.none(), st.sampled_from(
-        ["same-origin", "same-site", "cross-site", "none", "SAME-ORIGIN"]), HEADER_VALUE))
+    fetch_site = draw(
+        st.one_of(
+            st.none(),
+            st.none(),
+            st.none(),
+            st.sampled_from(["same-origin", "same-site", "cross-site", "none", "SAME-ORIGIN"]),
+            HEADER_VALUE,
+        )
+    )
     if fetch_site is not None:
         headers["Sec-Fetch-Site"] = fetch_site
-    origin = draw(st.one_of(st.none(), st.none(), st.none(), st.sampled_from(
-        [BASE_ORIGIN, BASE_ORIGIN + "/", "null", "https://evil.example", "https://news.example.com.evil.example"]),
-        HEADER_VALUE))
+    origin = draw(
+        st.one_of(
+            st.none(),
+            st.none(),
+            st.none(),
+            st.sampled_from(
+                [
+                    BASE_ORIGIN,
+                    BASE_ORIGIN + "/",
+                    "null",
+                    "https://evil.example",
+                    "https://news.example.com.evil.example",
+                ]
+            ),
+            HEADER_VALUE,
+        )
+    )
     if origin is not None:
         headers["Origin"] = origin
     if draw(st.booleans()):
@@ -240,15 +361,35 @@ def subscribe_requests(draw: st.DrawFn) -> Spec:
     if kind == "form":
         fields = draw(form_pairs())
         body = urlencode(fields).encode()
-        content_type = draw(st.sampled_from([FORM, FORM + "; charset=utf-8", FORM + "; charset=latin-1",
-                                             "APPLICATION/X-WWW-FORM-URLENCODED"]))
+        content_type = draw(
+            st.sampled_from(
+                [FORM, FORM + "; charset=utf-8", FORM + "; charset=latin-1", "APPLICATION/X-WWW-FORM-URLENCODED"]
+            )
+        )
     elif kind == "raw":
-        body = draw(st.one_of(
-            st.binary(max_size=600),
-            st.builds(lambda a, b: b"email=" + a + b, st.binary(max_size=80), st.sampled_from(
-                [b"", b"@example.com", b"%FF@example.com", b"\xff@example.com", b"%0D%0ABcc:%20x@y.z", b"%00",
-                 b"&website=", b"&started=", b"&email=second@example.com"])),
-            st.builds(lambda s: s.encode("utf-8", "surrogatepass"), hostile_text(80))))
+        body = draw(
+            st.one_of(
+                st.binary(max_size=600),
+                st.builds(
+                    lambda a, b: b"email=" + a + b,
+                    st.binary(max_size=80),
+                    st.sampled_from(
+                        [
+                            b"",
+                            b"@example.com",
+                            b"%FF@example.com",
+                            b"\xff@example.com",
+                            b"%0D%0ABcc:%20x@y.z",
+                            b"%00",
+                            b"&website=",
+                            b"&started=",
+                            b"&email=second@example.com",
+                        ]
+                    ),
+                ),
+                st.builds(lambda s: s.encode("utf-8", "surrogatepass"), hostile_text(80)),
+            )
+        )
         fields = urlencoded_fields(body)
         content_type = FORM
     elif kind == "multipart":
@@ -258,20 +399,42 @@ def subscribe_requests(draw: st.DrawFn) -> Spec:
         content_type = f"multipart/form-data; boundary={boundary}"
     elif kind == "multipart-raw":
         boundary = draw(st.sampled_from(["x", "----b", secrets.token_hex(4)]))
-        body = draw(st.one_of(
-            st.binary(max_size=600),
-            st.builds(lambda raw: f'--{boundary}\r\nContent-Disposition: form-data; name="email"\r\n\r\n'.encode()
-                      + raw + f"\r\n--{boundary}--\r\n".encode(), st.binary(max_size=120)),
-            st.builds(lambda raw: f'--{boundary}\r\nContent-Disposition: form-data; name="email"; '
-                      f'filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n'.encode() + raw
-                      + f"\r\n--{boundary}--\r\n".encode(), st.binary(max_size=120))))
+        body = draw(
+            st.one_of(
+                st.binary(max_size=600),
+                st.builds(
+                    lambda raw: (
+                        f'--{boundary}\r\nContent-Disposition: form-data; name="email"\r\n\r\n'.encode()
+                        + raw
+                        + f"\r\n--{boundary}--\r\n".encode()
+                    ),
+                    st.binary(max_size=120),
+                ),
+                st.builds(
+                    lambda raw: (
+                        f'--{boundary}\r\nContent-Disposition: form-data; name="email"; '
+                        f'filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n'.encode()
+                        + raw
+                        + f"\r\n--{boundary}--\r\n".encode()
+                    ),
+                    st.binary(max_size=120),
+                ),
+            )
+        )
         fields = None
         content_type = f"multipart/form-data; boundary={boundary}"
     elif kind == "other-type":
         content_type = draw(st.one_of(st.sampled_from(OTHER_TYPES), HEADER_VALUE))
         pairs = draw(form_pairs())
-        body = draw(st.sampled_from([urlencode(pairs).encode(), json.dumps(dict(pairs)).encode(),
-                                     "\n".join(f"{k}={v}" for k, v in pairs).encode()]))
+        body = draw(
+            st.sampled_from(
+                [
+                    urlencode(pairs).encode(),
+                    json.dumps(dict(pairs)).encode(),
+                    "\n".join(f"{k}={v}" for k, v in pairs).encode(),
+                ]
+            )
+        )
         mimetype = parse_options_header(content_type)[0]
         fields = [] if mimetype not in (FORM, "multipart/form-data") else None
     else:
@@ -286,6 +449,7 @@ def subscribe_requests(draw: st.DrawFn) -> Spec:
 
 # ---- sending requests and judging replies ---------------------------------------------------------
 
+
 @dataclass
 class Reply:
     status: int
@@ -296,7 +460,7 @@ class Reply:
 Send = Callable[[Spec], Reply]
 
 
-def client_sender(app) -> Send:  # noqa: ANN001
+def client_sender(app) -> Send:
     client = app.test_client()
 
     def send(spec: Spec) -> Reply:
@@ -309,8 +473,9 @@ def client_sender(app) -> Send:  # noqa: ANN001
 def http_sender(base: str) -> Send:
     def send(spec: Spec) -> Reply:
         headers = {name: value.encode("latin-1") for name, value in spec.headers.items()}
-        response = requests.request(spec.method, base + spec.path, headers=headers, data=spec.body, timeout=20,
-                                    allow_redirects=False)
+        response = requests.request(
+            spec.method, base + spec.path, headers=headers, data=spec.body, timeout=20, allow_redirects=False
+        )
         return Reply(response.status_code, response.content.decode("utf-8", "replace"), dict(response.headers))
 
     return send
@@ -323,10 +488,11 @@ class Snapshot:
     signups: tuple[tuple[int, str], ...]  # the sign-up log the form adds to: (id, address as the key compares it)
 
 
-def snapshot(nl) -> Snapshot:  # noqa: ANN001
+def snapshot(nl) -> Snapshot:
     with nl.sessions() as session:
-        rows = session.execute(select(Subscriber.id, Subscriber.email_key, Subscriber.status)
-                               .order_by(Subscriber.id)).all()
+        rows = session.execute(
+            select(Subscriber.id, Subscriber.email_key, Subscriber.status).order_by(Subscriber.id)
+        ).all()
         outbox = session.scalar(select(func.count()).select_from(OutboxMessage))
         signups = session.execute(select(Signup.id, Signup.email).order_by(Signup.id)).all()
     return Snapshot(tuple((i, k, s.value) for i, k, s in rows), outbox, tuple((i, e.lower()) for i, e in signups))
@@ -341,8 +507,13 @@ def assert_clean_page(reply: Reply, *echoed: str) -> None:
     assert not NAME_OF_AN_EXCEPTION.search(text), (reply.status, text[:2000])
 
 
-def judge_subscribe(nl, spec: Spec, reply: Reply, before: Snapshot,  # noqa: ANN001
-                    self_origin: str = HOST_ORIGIN) -> None:
+def judge_subscribe(
+    nl,
+    spec: Spec,
+    reply: Reply,
+    before: Snapshot,
+    self_origin: str = HOST_ORIGIN,
+) -> None:
     """The subscribe form's promises, for any request that reached POST /subscribe."""
     form = spec.fields or []
     address = next((value for name, value in form if name == "email"), "")
@@ -388,9 +559,10 @@ def judge_subscribe(nl, spec: Spec, reply: Reply, before: Snapshot,  # noqa: ANN
 
 # ---- POST /subscribe ------------------------------------------------------------------------------
 
+
 @hostile_settings(450)
 @given(spec=subscribe_requests())
-def test_subscribe_answers_every_shape_of_form_cleanly(app, nl, spec: Spec) -> None:  # noqa: ANN001
+def test_subscribe_answers_every_shape_of_form_cleanly(app, nl, spec: Spec) -> None:
     send = client_sender(app)
     before = snapshot(nl)
     reply = send(spec)
@@ -398,12 +570,26 @@ def test_subscribe_answers_every_shape_of_form_cleanly(app, nl, spec: Spec) -> N
     judge_subscribe(nl, spec, reply, before)
 
 
-def test_a_malformed_address_is_refused_with_the_reason(app, nl) -> None:  # noqa: ANN001
+def test_a_malformed_address_is_refused_with_the_reason(app, nl) -> None:
     send = client_sender(app)
-    for address in ["", "no-at-sign", "a@b", "reader@example.com\r\nBcc: x@y.z", "reader@exa\x00mple.com",
-                    "=?utf-8?q?hi=0ABcc:_x@y.z?=", "x" * 300 + "@example.com", "reader@example.com\x00"]:
-        spec = Spec("POST", "/subscribe", {"Content-Type": FORM}, urlencode({"email": address}).encode(),
-                    [("email", address)], "form")
+    for address in [
+        "",
+        "no-at-sign",
+        "a@b",
+        "reader@example.com\r\nBcc: x@y.z",
+        "reader@exa\x00mple.com",
+        "=?utf-8?q?hi=0ABcc:_x@y.z?=",
+        "x" * 300 + "@example.com",
+        "reader@example.com\x00",
+    ]:
+        spec = Spec(
+            "POST",
+            "/subscribe",
+            {"Content-Type": FORM},
+            urlencode({"email": address}).encode(),
+            [("email", address)],
+            "form",
+        )
         before = snapshot(nl)
         reply = send(spec)
         TRIED["POST /subscribe (test client)"] += 1
@@ -414,9 +600,16 @@ def test_a_malformed_address_is_refused_with_the_reason(app, nl) -> None:  # noq
 # ---- methods and paths ----------------------------------------------------------------------------
 
 # The methods each route serves; OPTIONS is answered for every route (200 and an Allow header), nothing else is.
-ROUTES = {"/": {"GET", "HEAD"}, "/subscribe": {"POST"}, "/healthz": {"GET", "HEAD"}, "/style.css": {"GET", "HEAD"},
-          "/confirm/{confirm}": {"GET", "HEAD", "POST"}, "/unsubscribe/{unsubscribe}": {"GET", "HEAD", "POST"},
-          "/confirm/not-a-token": {"GET", "HEAD", "POST"}, "/unsubscribe/not-a-token": {"GET", "HEAD", "POST"}}
+ROUTES = {
+    "/": {"GET", "HEAD"},
+    "/subscribe": {"POST"},
+    "/healthz": {"GET", "HEAD"},
+    "/style.css": {"GET", "HEAD"},
+    "/confirm/{confirm}": {"GET", "HEAD", "POST"},
+    "/unsubscribe/{unsubscribe}": {"GET", "HEAD", "POST"},
+    "/confirm/not-a-token": {"GET", "HEAD", "POST"},
+    "/unsubscribe/not-a-token": {"GET", "HEAD", "POST"},
+}
 WRONG_METHODS = ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PROPFIND", "MKCOL", "FOO", "GET", "POST"]
 
 
@@ -430,7 +623,7 @@ class Readers:
     unsubscribe: str
 
 
-def make_readers(nl) -> Readers:  # noqa: ANN001
+def make_readers(nl) -> Readers:
     with nl.sessions.begin() as session:
         pending, _ = add(session, "pending@example.com", False, Requester.admin())
         pending.confirm_nonce = secrets.token_urlsafe(12)
@@ -446,10 +639,14 @@ def wrong_method_requests(draw: st.DrawFn, readers: Readers) -> Spec:
     allowed = ROUTES[route]
     method = draw(st.sampled_from([m for m in WRONG_METHODS if m not in allowed]))
     path = route.format(confirm=readers.confirm, unsubscribe=readers.unsubscribe)
-    body = draw(st.one_of(st.just(b""), st.binary(max_size=300),
-                          st.builds(lambda p: urlencode(p).encode(), form_pairs())))
-    headers = {"Content-Type": draw(st.sampled_from([FORM, "application/json", "text/plain",
-                                                     "multipart/form-data; boundary=x"]))}
+    body = draw(
+        st.one_of(st.just(b""), st.binary(max_size=300), st.builds(lambda p: urlencode(p).encode(), form_pairs()))
+    )
+    headers = {
+        "Content-Type": draw(
+            st.sampled_from([FORM, "application/json", "text/plain", "multipart/form-data; boundary=x"])
+        )
+    }
     if draw(st.booleans()):
         body += b"&List-Unsubscribe=One-Click"
     return Spec(method, path, headers, body, kind="wrong-method")
@@ -457,7 +654,7 @@ def wrong_method_requests(draw: st.DrawFn, readers: Readers) -> Spec:
 
 @hostile_settings(150)
 @given(data=st.data())
-def test_wrong_methods_get_405_and_change_nothing(app, nl, data: st.DataObject) -> None:  # noqa: ANN001
+def test_wrong_methods_get_405_and_change_nothing(app, nl, data: st.DataObject) -> None:
     readers = cached_readers(nl)
     spec = data.draw(wrong_method_requests(readers))
     send = client_sender(app)
@@ -476,7 +673,7 @@ def test_wrong_methods_get_405_and_change_nothing(app, nl, data: st.DataObject) 
 _READERS: dict[str, Readers] = {}
 
 
-def cached_readers(nl) -> Readers:  # noqa: ANN001
+def cached_readers(nl) -> Readers:
     """The readers of this test's database, made on the first example (each test has its own secret key)."""
     key = nl.config.security.secret_key
     if key not in _READERS:
@@ -485,9 +682,28 @@ def cached_readers(nl) -> Readers:  # noqa: ANN001
     return _READERS[key]
 
 
-SEGMENT = st.one_of(hostile_text(30), st.sampled_from(["", ".", "..", "confirm", "unsubscribe", "subscribe",
-                                                        "healthz", "style.css", "demo", "static", "%2e%2e",
-                                                        "%2F", "%00", "index.php", "wp-login.php"]))
+SEGMENT = st.one_of(
+    hostile_text(30),
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "confirm",
+            "unsubscribe",
+            "subscribe",
+            "healthz",
+            "style.css",
+            "demo",
+            "static",
+            "%2e%2e",
+            "%2F",
+            "%00",
+            "index.php",
+            "wp-login.php",
+        ]
+    ),
+)
 
 
 @st.composite
@@ -500,10 +716,18 @@ def random_paths(draw: st.DrawFn) -> str:
 
 
 @hostile_settings(200)
-@given(path=random_paths(), method=st.sampled_from(["GET", "POST", "HEAD", "GET"]),
-       body=st.one_of(st.just(b""), st.binary(max_size=200)))
-def test_random_paths_are_a_clean_404_or_a_real_page(app, nl, path: str, method: str,  # noqa: ANN001
-                                                     body: bytes) -> None:
+@given(
+    path=random_paths(),
+    method=st.sampled_from(["GET", "POST", "HEAD", "GET"]),
+    body=st.one_of(st.just(b""), st.binary(max_size=200)),
+)
+def test_random_paths_are_a_clean_404_or_a_real_page(
+    app,
+    nl,
+    path: str,
+    method: str,
+    body: bytes,
+) -> None:
     send = client_sender(app)
     before = snapshot(nl)
     reply = send(Spec(method, path, {"Content-Type": FORM}, body))
@@ -514,8 +738,15 @@ def test_random_paths_are_a_clean_404_or_a_real_page(app, nl, path: str, method:
         assert snapshot(nl) == before
 
 
-GET_PAGES = {"/": 200, "/healthz": 200, "/style.css": 200, "/confirm/{confirm}": 200, "/unsubscribe/{unsubscribe}": 200,
-             "/confirm/not-a-token": 400, "/unsubscribe/not-a-token": 400}
+GET_PAGES = {
+    "/": 200,
+    "/healthz": 200,
+    "/style.css": 200,
+    "/confirm/{confirm}": 200,
+    "/unsubscribe/{unsubscribe}": 200,
+    "/confirm/not-a-token": 400,
+    "/unsubscribe/not-a-token": 400,
+}
 HEADER_SAFE = hostile_text(60).map(lambda s: re.sub(r"[\r\n]", "", s))
 
 
@@ -529,15 +760,35 @@ def query_strings(draw: st.DrawFn) -> str:
 @pytest.mark.filterwarnings("ignore:The 'session' cookie is too large")
 @hostile_settings(150)
 @given(data=st.data())
-def test_hostile_query_strings_headers_and_cookies(app, nl, data: st.DataObject) -> None:  # noqa: ANN001
+def test_hostile_query_strings_headers_and_cookies(app, nl, data: st.DataObject) -> None:
     """Every page, and the confirmation button, with junk in the query string, the headers and the session cookie."""
     readers = cached_readers(nl)
     route = data.draw(st.sampled_from(sorted(GET_PAGES)))
     path = route.format(confirm=readers.confirm, unsubscribe=readers.unsubscribe)
     query = data.draw(query_strings())
-    headers = {name: data.draw(HEADER_SAFE) for name in data.draw(st.lists(st.sampled_from(
-        ["Accept-Language", "Accept", "If-None-Match", "If-Modified-Since", "Range", "Referer", "X-Forwarded-For",
-         "X-Forwarded-Proto", "User-Agent", "Accept-Encoding"]), max_size=4, unique=True))}
+    headers = {
+        name: data.draw(HEADER_SAFE)
+        for name in data.draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        "Accept-Language",
+                        "Accept",
+                        "If-None-Match",
+                        "If-Modified-Since",
+                        "Range",
+                        "Referer",
+                        "X-Forwarded-For",
+                        "X-Forwarded-Proto",
+                        "User-Agent",
+                        "Accept-Encoding",
+                    ]
+                ),
+                max_size=4,
+                unique=True,
+            )
+        )
+    }
     client = app.test_client()
     client.set_cookie("session", data.draw(st.one_of(HEADER_SAFE, st.just("eyJjc3JmX3Rva2VuIjoiYSJ9.x.y"))))
     before = snapshot(nl)
@@ -562,18 +813,37 @@ TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.
 @st.composite
 def damaged(draw: st.DrawFn, token: str, others: list[str]) -> str:
     """A real token cut short, with one character changed, added or taken away, or something else."""
-    kind = draw(st.sampled_from(["cut", "cut", "change", "change", "change", "insert", "delete", "swap", "append",
-                                 "other", "hostile", "case"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "cut",
+                "cut",
+                "change",
+                "change",
+                "change",
+                "insert",
+                "delete",
+                "swap",
+                "append",
+                "other",
+                "hostile",
+                "case",
+            ]
+        )
+    )
     i = draw(st.integers(0, len(token) - 1))
     if kind == "cut":
         return token[:i]
     if kind == "change":
-        return token[:i] + draw(st.sampled_from(TOKEN_CHARS + "~!*'()%\x00 é/").filter(lambda c: c != token[i])) \
-            + token[i + 1:]
+        return (
+            token[:i]
+            + draw(st.sampled_from(TOKEN_CHARS + "~!*'()%\x00 é/").filter(lambda c: c != token[i]))
+            + token[i + 1 :]
+        )
     if kind == "insert":
         return token[:i] + draw(st.sampled_from(TOKEN_CHARS + "~=\x00\n")) + token[i:]
     if kind == "delete":
-        return token[:i] + token[i + 1:]
+        return token[:i] + token[i + 1 :]
     if kind == "swap":
         j = draw(st.integers(0, len(token) - 1))
         chars = list(token)
@@ -592,11 +862,11 @@ def same_claim(load: Callable[[str], object], original: str, candidate: str) -> 
     """Whether itsdangerous, with the site's key, reads CANDIDATE as the same claim as ORIGINAL."""
     try:
         return load(candidate) == load(original)
-    except Exception:  # noqa: BLE001  any refusal means "not the same"
+    except Exception:
         return False
 
 
-def loader(nl, route: str) -> Callable[[str], object]:  # noqa: ANN001
+def loader(nl, route: str) -> Callable[[str], object]:
     """itsdangerous, with the site's key and the salt of ROUTE: what a token really says."""
     secret = nl.config.security.secret_key
     if route == "confirm":
@@ -624,7 +894,7 @@ def refused(reply: Reply, token: str) -> bool:
 
 @hostile_settings(220)
 @given(data=st.data())
-def test_damaged_confirmation_tokens_are_refused(app, nl, data: st.DataObject) -> None:  # noqa: ANN001
+def test_damaged_confirmation_tokens_are_refused(app, nl, data: st.DataObject) -> None:
     readers = cached_readers(nl)
     load = loader(nl, "confirm")
     wrong_key = URLSafeTimedSerializer(["guessed"], salt=CONFIRM_SALT).dumps([readers.pending_id, "n"])
@@ -653,7 +923,7 @@ def test_damaged_confirmation_tokens_are_refused(app, nl, data: st.DataObject) -
 
 @hostile_settings(220)
 @given(data=st.data())
-def test_damaged_unsubscribe_tokens_are_refused(app, nl, data: st.DataObject) -> None:  # noqa: ANN001
+def test_damaged_unsubscribe_tokens_are_refused(app, nl, data: st.DataObject) -> None:
     readers = cached_readers(nl)
     load = loader(nl, "unsubscribe")
     wrong_key = URLSafeSerializer(["guessed"], salt=UNSUBSCRIBE_SALT).dumps(readers.confirmed_id)
@@ -673,11 +943,15 @@ def test_damaged_unsubscribe_tokens_are_refused(app, nl, data: st.DataObject) ->
     if encoding == "urlencoded":
         pressed = client.post(token_path("unsubscribe", token), data={"List-Unsubscribe": "One-Click"})
     elif encoding == "multipart":
-        pressed = client.post(token_path("unsubscribe", token), data={"List-Unsubscribe": "One-Click"},
-                              content_type="multipart/form-data")
+        pressed = client.post(
+            token_path("unsubscribe", token), data={"List-Unsubscribe": "One-Click"}, content_type="multipart/form-data"
+        )
     elif encoding == "raw":
-        pressed = client.post(token_path("unsubscribe", token), content_type=FORM,
-                              data=b"List-Unsubscribe=One-Click&" + data.draw(st.binary(max_size=100)))
+        pressed = client.post(
+            token_path("unsubscribe", token),
+            content_type=FORM,
+            data=b"List-Unsubscribe=One-Click&" + data.draw(st.binary(max_size=100)),
+        )
     else:
         pressed = client.post(token_path("unsubscribe", token), json={"List-Unsubscribe": "One-Click"})
     TRIED["POST /unsubscribe/<token> (test client)"] += 1
@@ -687,19 +961,22 @@ def test_damaged_unsubscribe_tokens_are_refused(app, nl, data: st.DataObject) ->
     assert snapshot(nl) == before
 
 
-def test_the_undamaged_tokens_work(app, nl) -> None:  # noqa: ANN001
+def test_the_undamaged_tokens_work(app, nl) -> None:
     """The checks above are not vacuous: the undamaged tokens open their pages and one-click works."""
     readers = make_readers(nl)
     client = app.test_client()
     assert client.get(token_path("confirm", readers.confirm)).status_code == 200
     assert client.get(token_path("unsubscribe", readers.unsubscribe)).status_code == 200
-    assert client.post(token_path("unsubscribe", readers.unsubscribe),
-                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert (
+        client.post(token_path("unsubscribe", readers.unsubscribe), data={"List-Unsubscribe": "One-Click"}).status_code
+        == 200
+    )
     with nl.sessions() as session:
         assert session.get(Subscriber, readers.confirmed_id).status == Status.UNSUBSCRIBED
 
 
 # ---- over real HTTP -------------------------------------------------------------------------------
+
 
 @st.composite
 def any_request(draw: st.DrawFn, readers: Readers) -> Spec:
@@ -709,23 +986,37 @@ def any_request(draw: st.DrawFn, readers: Readers) -> Spec:
     if kind == "wrong-method":
         return draw(wrong_method_requests(readers))
     if kind == "path":
-        return Spec(draw(st.sampled_from(["GET", "POST", "HEAD"])), draw(random_paths()), {"Content-Type": FORM},
-                    draw(st.binary(max_size=100)), kind="path")
+        return Spec(
+            draw(st.sampled_from(["GET", "POST", "HEAD"])),
+            draw(random_paths()),
+            {"Content-Type": FORM},
+            draw(st.binary(max_size=100)),
+            kind="path",
+        )
     route, token = ("confirm", readers.confirm) if kind == "confirm" else ("unsubscribe", readers.unsubscribe)
     bad = draw(damaged(token, ["not-a-token"]))
-    return Spec(draw(st.sampled_from(["GET", "POST"])), token_path(route, bad), {"Content-Type": FORM},
-                b"List-Unsubscribe=One-Click", kind=kind, token=bad)
+    return Spec(
+        draw(st.sampled_from(["GET", "POST"])),
+        token_path(route, bad),
+        {"Content-Type": FORM},
+        b"List-Unsubscribe=One-Click",
+        kind=kind,
+        token=bad,
+    )
 
 
-REAL_HTTP_LABELS = {"subscribe": "POST /subscribe (real HTTP)", "path": "random paths (real HTTP)",
-                    "confirm": "GET/POST /confirm/<token> (real HTTP)",
-                    "unsubscribe": "GET/POST /unsubscribe/<token> (real HTTP)",
-                    "wrong-method": "wrong methods on every route (real HTTP)"}
+REAL_HTTP_LABELS = {
+    "subscribe": "POST /subscribe (real HTTP)",
+    "path": "random paths (real HTTP)",
+    "confirm": "GET/POST /confirm/<token> (real HTTP)",
+    "unsubscribe": "GET/POST /unsubscribe/<token> (real HTTP)",
+    "wrong-method": "wrong methods on every route (real HTTP)",
+}
 
 
 @hostile_settings(260)
 @given(data=st.data())
-def test_everything_over_real_http(site, data: st.DataObject) -> None:  # noqa: ANN001
+def test_everything_over_real_http(site, data: st.DataObject) -> None:
     readers = cached_readers(site.nl)
     spec = data.draw(any_request(readers))
     if spec.kind in ("confirm", "unsubscribe"):
@@ -749,7 +1040,7 @@ def test_everything_over_real_http(site, data: st.DataObject) -> None:  # noqa: 
             assert reply.status in (200, 308, 400, 404, 405), (spec.path, reply.status)
 
 
-def test_every_route_with_every_wrong_method_over_real_http(site) -> None:  # noqa: ANN001
+def test_every_route_with_every_wrong_method_over_real_http(site) -> None:
     readers = cached_readers(site.nl)
     before = snapshot(site.nl)
     for route, allowed in ROUTES.items():
@@ -757,8 +1048,9 @@ def test_every_route_with_every_wrong_method_over_real_http(site) -> None:  # no
         for method in ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "GET", "POST"]:
             if method in allowed:
                 continue
-            response = requests.request(method, site.base + path, data=b"List-Unsubscribe=One-Click", timeout=10,
-                                        headers={"Content-Type": FORM})
+            response = requests.request(
+                method, site.base + path, data=b"List-Unsubscribe=One-Click", timeout=10, headers={"Content-Type": FORM}
+            )
             TRIED["wrong methods on every route (real HTTP)"] += 1
             assert_clean_page(Reply(response.status_code, response.text, dict(response.headers)))
             assert response.status_code == (200 if method == "OPTIONS" else 405), (method, route)
@@ -775,34 +1067,69 @@ def raw_exchange(base: str, request: bytes, timeout: float = 15) -> bytes:
     return b"".join(chunks)
 
 
-RAW_BYTES = st.one_of(st.binary(max_size=40), st.sampled_from(
-    [b"\x00", b"\r", b"\n", b"\r\n", b"\xff\xfe", b"%00", b"%0d%0a", b"%ff", b"..", b"/", b"?", b"#", b" ", b"\x7f",
-     b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]))
+RAW_BYTES = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from(
+        [
+            b"\x00",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"\xff\xfe",
+            b"%00",
+            b"%0d%0a",
+            b"%ff",
+            b"..",
+            b"/",
+            b"?",
+            b"#",
+            b" ",
+            b"\x7f",
+            b"\xc3\x28",
+            b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80",
+        ]
+    ),
+)
 
 
 @st.composite
 def raw_requests(draw: st.DrawFn, readers: Readers) -> tuple[bytes, str]:
     """Request bytes that no well-behaved client would send: raw bytes in the path and in headers."""
-    target = draw(st.sampled_from([b"/", b"/subscribe", b"/confirm/" + readers.confirm.encode(),
-                                   b"/unsubscribe/" + readers.unsubscribe.encode(), b"/healthz", b"/confirm/"]))
+    target = draw(
+        st.sampled_from(
+            [
+                b"/",
+                b"/subscribe",
+                b"/confirm/" + readers.confirm.encode(),
+                b"/unsubscribe/" + readers.unsubscribe.encode(),
+                b"/healthz",
+                b"/confirm/",
+            ]
+        )
+    )
     at = draw(st.integers(0, len(target)))
     target = target[:at] + draw(st.lists(RAW_BYTES, max_size=4).map(b"".join)) + target[at:]
     target = target.replace(b" ", b"%20").replace(b"\r", b"").replace(b"\n", b"") or b"/"
     method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD"]))
     headers = [b"Host: 127.0.0.1", b"Connection: close"]
     for _ in range(draw(st.integers(0, 3))):
-        name = draw(st.sampled_from([b"User-Agent", b"Origin", b"Cookie", b"X-Forwarded-For", b"Accept-Language",
-                                     b"Referer"]))
+        name = draw(
+            st.sampled_from([b"User-Agent", b"Origin", b"Cookie", b"X-Forwarded-For", b"Accept-Language", b"Referer"])
+        )
         headers.append(name + b": " + draw(RAW_BYTES.map(lambda b: b.replace(b"\r\n", b"\r"))))
-    body = draw(st.one_of(st.just(b""), st.binary(max_size=300), st.builds(
-        lambda raw: b"email=" + raw, st.binary(max_size=100))))
+    body = draw(
+        st.one_of(
+            st.just(b""), st.binary(max_size=300), st.builds(lambda raw: b"email=" + raw, st.binary(max_size=100))
+        )
+    )
     headers += [b"Content-Type: " + FORM.encode(), b"Content-Length: " + str(len(body)).encode()]
     return method + b" " + target + b" HTTP/1.1\r\n" + b"\r\n".join(headers) + b"\r\n\r\n" + body, method.decode()
 
 
 @hostile_settings(120)
 @given(data=st.data())
-def test_raw_bytes_on_the_wire(site, data: st.DataObject) -> None:  # noqa: ANN001
+def test_raw_bytes_on_the_wire(site, data: st.DataObject) -> None:
     readers = cached_readers(site.nl)
     request, method = data.draw(raw_requests(readers))
     before = snapshot(site.nl)
@@ -820,14 +1147,16 @@ def test_raw_bytes_on_the_wire(site, data: st.DataObject) -> None:  # noqa: ANN0
 
 
 @hostile_settings(40)
-@given(size=st.integers(MAX_CONTENT_LENGTH + 1, 2 * 1024 * 1024), chunked=st.booleans(),
-       content_type=st.sampled_from([FORM, "multipart/form-data; boundary=x", "text/plain"]))
-def test_huge_bodies_over_real_http_get_413(site, size: int, chunked: bool, content_type: str) -> None:  # noqa: ANN001
+@given(
+    size=st.integers(MAX_CONTENT_LENGTH + 1, 2 * 1024 * 1024),
+    chunked=st.booleans(),
+    content_type=st.sampled_from([FORM, "multipart/form-data; boundary=x", "text/plain"]),
+)
+def test_huge_bodies_over_real_http_get_413(site, size: int, chunked: bool, content_type: str) -> None:
     before = snapshot(site.nl)
     body = b"email=reader%40example.com&pad=" + b"x" * size
-    payload = (body[i:i + 65536] for i in range(0, len(body), 65536)) if chunked else body
-    response = requests.post(f"{site.base}/subscribe", data=payload, headers={"Content-Type": content_type},
-                             timeout=30)
+    payload = (body[i : i + 65536] for i in range(0, len(body), 65536)) if chunked else body
+    response = requests.post(f"{site.base}/subscribe", data=payload, headers={"Content-Type": content_type}, timeout=30)
     TRIED["huge bodies to POST /subscribe (real HTTP)"] += 1
     assert response.status_code == 413, response.status_code
     assert_clean_page(Reply(response.status_code, response.text, {}))
@@ -838,7 +1167,7 @@ def test_huge_bodies_over_real_http_get_413(site, size: int, chunked: bool, cont
 @pytest.mark.parametrize("extra_config", ['[web]\nrate_limit = "4 per hour"\n'])
 @hostile_settings(40)
 @given(spec=subscribe_requests())
-def test_over_the_rate_limit_everything_is_a_clean_429(site, spec: Spec) -> None:  # noqa: ANN001
+def test_over_the_rate_limit_everything_is_a_clean_429(site, spec: Spec) -> None:
     before = snapshot(site.nl)
     reply = http_sender(site.base)(spec)
     TRIED["POST /subscribe over the rate limit (real HTTP)"] += 1
@@ -856,7 +1185,7 @@ Invoke = Callable[..., Result]
 
 
 @pytest.fixture
-def invoke(config_file: Path, app) -> Invoke:  # noqa: ANN001
+def invoke(config_file: Path, app) -> Invoke:
     """Run a command on the test's database; exceptions are caught, so a traceback is a finding, not a crash."""
     runner = CliRunner()
 
@@ -889,7 +1218,7 @@ def terminal_lines(text: str) -> list[str]:
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def count_rows(nl, model: type) -> int:  # noqa: ANN001
+def count_rows(nl, model: type) -> int:
     with nl.sessions() as session:
         return session.scalar(select(func.count()).select_from(model))
 
@@ -900,10 +1229,11 @@ ARGV = st.one_of(addresses(), hostile_text(), ARGV_BYTES)
 
 @hostile_settings(120)
 @given(address=ARGV, confirmed=st.booleans(), separator=st.booleans())
-def test_subscribers_add(invoke, nl, address: str, confirmed: bool, separator: bool) -> None:  # noqa: ANN001
+def test_subscribers_add(invoke, nl, address: str, confirmed: bool, separator: bool) -> None:
     before = snapshot(nl)
-    result = invoke("subscribers", "add", *(["--confirmed"] if confirmed else []), *(["--"] if separator else []),
-                    address)
+    result = invoke(
+        "subscribers", "add", *(["--confirmed"] if confirmed else []), *(["--"] if separator else []), address
+    )
     TRIED["newsletter subscribers add"] += 1
     assert_clean_exit(result)
     after = snapshot(nl)
@@ -919,7 +1249,7 @@ def test_subscribers_add(invoke, nl, address: str, confirmed: bool, separator: b
 
 @hostile_settings(80)
 @given(address=ARGV, known=st.booleans())
-def test_subscribers_remove(invoke, nl, address: str, known: bool) -> None:  # noqa: ANN001
+def test_subscribers_remove(invoke, nl, address: str, known: bool) -> None:
     if known and well_formed(address):
         invoke("subscribers", "add", "--", address)
     before = snapshot(nl)
@@ -935,12 +1265,28 @@ def test_subscribers_remove(invoke, nl, address: str, known: bool) -> None:  # n
 
 
 TIMES = st.one_of(
-    st.just(""), hostile_text(30),
-    st.datetimes(timezones=st.sampled_from([None, *(timezone(timedelta(hours=h)) for h in (-12, -5, 0, 5, 14))]))
-    .map(lambda d: d.isoformat()),
-    st.sampled_from(["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "2026-02-30T00:00:00"]))
-CSV_COLUMNS = ["email", "status", "created_at", "subscribed_at", "subscribed_ip", "confirmed_at", "confirmed_ip",
-               "unsubscribed_at", "unsubscribed_ip", "Email", " email ", "", "extra"]
+    st.just(""),
+    hostile_text(30),
+    st.datetimes(timezones=st.sampled_from([None, *(timezone(timedelta(hours=h)) for h in (-12, -5, 0, 5, 14))])).map(
+        lambda d: d.isoformat()
+    ),
+    st.sampled_from(["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "2026-02-30T00:00:00"]),
+)
+CSV_COLUMNS = [
+    "email",
+    "status",
+    "created_at",
+    "subscribed_at",
+    "subscribed_ip",
+    "confirmed_at",
+    "confirmed_ip",
+    "unsubscribed_at",
+    "unsubscribed_ip",
+    "Email",
+    " email ",
+    "",
+    "extra",
+]
 
 
 @st.composite
@@ -954,9 +1300,13 @@ def csv_files(draw: st.DrawFn) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator=draw(st.sampled_from(["\n", "\r\n", "\r"])))
     writer.writerow(columns)
-    values = {"email": addresses(), "status": st.one_of(st.sampled_from([s.value for s in Status] + ["", "CONFIRMED"]),
-                                                        hostile_text(20)),
-              "subscribed_ip": hostile_text(80), "confirmed_ip": hostile_text(80), "unsubscribed_ip": hostile_text(80)}
+    values = {
+        "email": addresses(),
+        "status": st.one_of(st.sampled_from([s.value for s in Status] + ["", "CONFIRMED"]), hostile_text(20)),
+        "subscribed_ip": hostile_text(80),
+        "confirmed_ip": hostile_text(80),
+        "unsubscribed_ip": hostile_text(80),
+    }
     for _ in range(draw(st.integers(0, 8))):
         row = [draw(values.get(c.strip().lower(), TIMES if c.endswith("_at") else hostile_text(20))) for c in columns]
         writer.writerow(row[: draw(st.integers(0, len(row)))] if draw(st.integers(0, 5)) == 0 else row)
@@ -965,14 +1315,17 @@ def csv_files(draw: st.DrawFn) -> bytes:
         data = b"\xef\xbb\xbf" + data
     if kind == "spliced":
         at = draw(st.integers(0, len(data)))
-        data = data[:at] + draw(st.sampled_from([b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80", b'"', b"\r", b"\n,,"]))\
+        data = (
+            data[:at]
+            + draw(st.sampled_from([b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80", b'"', b"\r", b"\n,,"]))
             + data[at:]
+        )
     return data
 
 
 @hostile_settings(100)
 @given(content=csv_files())
-def test_subscribers_import(invoke, nl, tmp_path: Path, content: bytes) -> None:  # noqa: ANN001
+def test_subscribers_import(invoke, nl, tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "readers.csv"
     path.write_bytes(content)
     before = snapshot(nl)
@@ -986,8 +1339,9 @@ def test_subscribers_import(invoke, nl, tmp_path: Path, content: bytes) -> None:
         assert all(well_formed(email) for _, email, _ in set(after.subscribers) - set(before.subscribers))
         assert all(line.startswith("  line ") for line in terminal_lines(result.output)[1:-1]), result.output
         with nl.sessions() as session:
-            ips = session.execute(select(Subscriber.subscribed_ip, Subscriber.confirmed_ip,
-                                         Subscriber.unsubscribed_ip)).all()
+            ips = session.execute(
+                select(Subscriber.subscribed_ip, Subscriber.confirmed_ip, Subscriber.unsubscribed_ip)
+            ).all()
         assert not any("\x00" in (ip or "") for row in ips for ip in row)
     else:
         assert after == before
@@ -998,14 +1352,24 @@ URLS = st.one_of(
     st.builds(lambda rest: "http://" + rest, hostile_text(40)),
     hostile_text(40),
     st.sampled_from(["javascript:alert(1)", "https://", "ftp://x/", "https://blog.example/\r\nBcc: x@y.z"]),
-    st.builds(lambda raw: "https://blog.example/" + os.fsdecode(raw), st.binary(max_size=20)))
+    st.builds(lambda raw: "https://blog.example/" + os.fsdecode(raw), st.binary(max_size=20)),
+)
 
 
 @hostile_settings(100)
-@given(title=st.one_of(hostile_text(), ARGV_BYTES), url=URLS,
-       summary=st.one_of(st.just(""), hostile_text(200), ARGV_BYTES, st.sampled_from(
-           ["<script>alert(1)</script>", "<a href=\"javascript:x\">y</a>", "<p>ok</p>", "<![CDATA[", "<" * 500])))
-def test_posts_add(invoke, nl, title: str, url: str, summary: str) -> None:  # noqa: ANN001
+@given(
+    title=st.one_of(hostile_text(), ARGV_BYTES),
+    url=URLS,
+    summary=st.one_of(
+        st.just(""),
+        hostile_text(200),
+        ARGV_BYTES,
+        st.sampled_from(
+            ["<script>alert(1)</script>", '<a href="javascript:x">y</a>', "<p>ok</p>", "<![CDATA[", "<" * 500]
+        ),
+    ),
+)
+def test_posts_add(invoke, nl, title: str, url: str, summary: str) -> None:
     before = count_rows(nl, Post)
     result = invoke("posts", "add", "--title", title, "--url", url, "--summary", summary)
     TRIED["newsletter posts add"] += 1
@@ -1024,13 +1388,13 @@ def test_posts_add(invoke, nl, title: str, url: str, summary: str) -> None:  # n
 
 
 @pytest.fixture
-def a_post(invoke) -> None:  # noqa: ANN001
+def a_post(invoke) -> None:
     assert invoke("posts", "add", "--title", "Ice on the quay", "--url", "https://blog.example/ice/").exit_code == 0
 
 
 @hostile_settings(80)
 @given(address=ARGV, dry_run=st.booleans())
-def test_send_to(invoke, nl, smtp, a_post, address: str, dry_run: bool) -> None:  # noqa: ANN001
+def test_send_to(invoke, nl, smtp, a_post, address: str, dry_run: bool) -> None:
     smtp.clear()
     before = snapshot(nl)
     result = invoke("send", "--to", address, *(["--dry-run"] if dry_run else []))
@@ -1068,10 +1432,26 @@ CONFIG_KEYS = {
     "dkim": ["selector", "domain", "private_key_file"],
     "nonsense": ["x"],
 }
-CONFIG_VALUES = st.one_of(hostile_text(40), st.integers(-2**63, 2**63 - 1), st.booleans(),
-                          st.floats(allow_nan=False), st.lists(hostile_text(10), max_size=3),
-                          st.sampled_from(["10 per hour", "5/minute; 20/day", "none", "tls", "starttls", "0",
-                                           "https://news.example.com", "Blog <news@example.com>", "a@b.example"]))
+CONFIG_VALUES = st.one_of(
+    hostile_text(40),
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.lists(hostile_text(10), max_size=3),
+    st.sampled_from(
+        [
+            "10 per hour",
+            "5/minute; 20/day",
+            "none",
+            "tls",
+            "starttls",
+            "0",
+            "https://news.example.com",
+            "Blog <news@example.com>",
+            "a@b.example",
+        ]
+    ),
+)
 
 
 @st.composite
@@ -1083,15 +1463,31 @@ def config_files(draw: st.DrawFn, database_url: str) -> bytes:
     for section in draw(st.lists(st.sampled_from(sorted(CONFIG_KEYS)), max_size=4)):
         for key in draw(st.lists(st.sampled_from(CONFIG_KEYS[section]), max_size=3)):
             tables.setdefault(section, {})[key] = draw(CONFIG_VALUES)
-    url = draw(st.sampled_from([database_url] * 4 + ["sqlite:///other.db", "postgresql+psycopg://u@127.0.0.1:1/x",
-                                                     "mysql://u@127.0.0.1/x", "sqlite", "", "sqlite:///dir/x.db"]))
+    url = draw(
+        st.sampled_from(
+            [database_url] * 4
+            + [
+                "sqlite:///other.db",
+                "postgresql+psycopg://u@127.0.0.1:1/x",
+                "mysql://u@127.0.0.1/x",
+                "sqlite",
+                "",
+                "sqlite:///dir/x.db",
+            ]
+        )
+    )
     tables["database"] = {"url": url}
     if draw(st.integers(0, 3)) == 0:  # DKIM switched on, with a key file that is anything but a key
-        tables["dkim"] = {"selector": draw(st.sampled_from(["news", "news2026", "-bad", ""])),
-                          "private_key_file": draw(st.one_of(st.sampled_from(
-                              ["junk.pem", "missing.pem", ".", os.devnull, "junk.pem\n"]), hostile_text(30)))}
-    text = "".join(f"[{section}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in keys.items())
-                   for section, keys in tables.items())
+        tables["dkim"] = {
+            "selector": draw(st.sampled_from(["news", "news2026", "-bad", ""])),
+            "private_key_file": draw(
+                st.one_of(st.sampled_from(["junk.pem", "missing.pem", ".", os.devnull, "junk.pem\n"]), hostile_text(30))
+            ),
+        }
+    text = "".join(
+        f"[{section}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in keys.items())
+        for section, keys in tables.items()
+    )
     data = text.encode("utf-8", "surrogatepass")
     if kind == "spliced":
         at = draw(st.integers(0, len(data)))
@@ -1101,8 +1497,13 @@ def config_files(draw: st.DrawFn, database_url: str) -> bytes:
 
 @hostile_settings(120)
 @given(data=st.data())
-def test_config_files_full_of_junk(invoke, nl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
-                                   data: st.DataObject) -> None:
+def test_config_files_full_of_junk(
+    invoke,
+    nl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    data: st.DataObject,
+) -> None:
     monkeypatch.chdir(tmp_path)
     for name in list(os.environ):
         if name.startswith("NEWSLETTER_"):
@@ -1111,17 +1512,22 @@ def test_config_files_full_of_junk(invoke, nl, tmp_path: Path, monkeypatch: pyte
     content = data.draw(config_files(str(nl.engine.url)))
     path = tmp_path / "random.toml"
     path.write_bytes(content)
-    command = data.draw(st.sampled_from([("stats",), ("subscribers", "list"), ("posts", "list"),
-                                         ("send", "--dry-run", "--no-fetch")]))
+    command = data.draw(
+        st.sampled_from([("stats",), ("subscribers", "list"), ("posts", "list"), ("send", "--dry-run", "--no-fetch")])
+    )
     result = invoke(*command, config=path)
     TRIED["newsletter --config <junk file>"] += 1
     assert_clean_exit(result)
 
 
 @pytest.mark.parametrize("where", ["missing", "directory", "empty", "dev-null"])
-def test_config_paths_that_are_not_files(invoke, tmp_path: Path, where: str) -> None:  # noqa: ANN001
-    path = {"missing": tmp_path / "nope.toml", "directory": tmp_path, "empty": tmp_path / "empty.toml",
-            "dev-null": Path(os.devnull)}[where]
+def test_config_paths_that_are_not_files(invoke, tmp_path: Path, where: str) -> None:
+    path = {
+        "missing": tmp_path / "nope.toml",
+        "directory": tmp_path,
+        "empty": tmp_path / "empty.toml",
+        "dev-null": Path(os.devnull),
+    }[where]
     if where == "empty":
         path.write_bytes(b"")
     result = invoke("stats", config=path)
@@ -1130,8 +1536,10 @@ def test_config_paths_that_are_not_files(invoke, tmp_path: Path, where: str) -> 
     assert result.exit_code == 2
 
 
-FEED_ITEM = ("<item><title>{title}</title><link>{link}</link><guid>{guid}</guid>"
-             "<pubDate>{date}</pubDate><description><![CDATA[{summary}]]></description></item>")
+FEED_ITEM = (
+    "<item><title>{title}</title><link>{link}</link><guid>{guid}</guid>"
+    "<pubDate>{date}</pubDate><description><![CDATA[{summary}]]></description></item>"
+)
 
 
 @st.composite
@@ -1142,18 +1550,36 @@ def feeds(draw: st.DrawFn, original: bytes) -> bytes:
     if kind == "spliced":
         at = draw(st.integers(0, len(original)))
         return original[:at] + draw(st.binary(max_size=30)) + original[at:]
-    items = "".join(FEED_ITEM.format(
-        title=draw(hostile_text(60)).replace("]]>", ""), link=draw(URLS), guid=draw(hostile_text(30)),
-        date=draw(st.one_of(st.sampled_from(["Tue, 01 Apr 2025 10:00:00 +0000", "Mon, 31 Dec 9999 23:59:59 -1200",
-                                            "Sat, 01 Jan 0001 00:00:00 +1400", "yesterday", ""]), hostile_text(20))),
-        summary=draw(hostile_text(100)).replace("]]>", "")) for _ in range(draw(st.integers(1, 4))))
+    items = "".join(
+        FEED_ITEM.format(
+            title=draw(hostile_text(60)).replace("]]>", ""),
+            link=draw(URLS),
+            guid=draw(hostile_text(30)),
+            date=draw(
+                st.one_of(
+                    st.sampled_from(
+                        [
+                            "Tue, 01 Apr 2025 10:00:00 +0000",
+                            "Mon, 31 Dec 9999 23:59:59 -1200",
+                            "Sat, 01 Jan 0001 00:00:00 +1400",
+                            "yesterday",
+                            "",
+                        ]
+                    ),
+                    hostile_text(20),
+                )
+            ),
+            summary=draw(hostile_text(100)).replace("]]>", ""),
+        )
+        for _ in range(draw(st.integers(1, 4)))
+    )
     return original.replace(b"<item>", items.encode("utf-8", "surrogatepass") + b"<item>", 1)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:feedparser")
 @hostile_settings(60)
 @given(data=st.data())
-def test_send_dry_run_on_a_hostile_feed(invoke, nl, feed: Path, data: st.DataObject) -> None:  # noqa: ANN001
+def test_send_dry_run_on_a_hostile_feed(invoke, nl, feed: Path, data: st.DataObject) -> None:
     original = (Path(__file__).parent / "feeds" / "wordpress-rss2.xml").read_bytes()
     content = data.draw(feeds(original))
     feed.write_bytes(content)
@@ -1165,16 +1591,18 @@ def test_send_dry_run_on_a_hostile_feed(invoke, nl, feed: Path, data: st.DataObj
     if result.exit_code == 0:
         lines = terminal_lines(result.output)[:-1]
         assert lines[-1].startswith("dry run: ") and all(
-            line.startswith(("would announce: ", "first fetch of the feed", "dry run: ")) for line in lines), lines
+            line.startswith(("would announce: ", "first fetch of the feed", "dry run: ")) for line in lines
+        ), lines
 
 
 # ---- header injection -----------------------------------------------------------------------------
+
 
 def header_block(raw: bytes) -> list[bytes]:
     return raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
 
 
-def assert_no_injected_header(caught, recipient: str) -> None:  # noqa: ANN001
+def assert_no_injected_header(caught, recipient: str) -> None:
     assert [r.lower() for r in caught.recipients] == [recipient]
     message = caught.message
     assert message["Bcc"] is None and message["Cc"] is None
@@ -1184,16 +1612,33 @@ def assert_no_injected_header(caught, recipient: str) -> None:  # noqa: ANN001
 
 
 @hostile_settings(15)
-@given(injection=st.sampled_from(INJECTIONS), before=hostile_text(10).filter(lambda s: "\x00" not in s),
-       after=hostile_text(10).filter(lambda s: "\x00" not in s))
-def test_header_injection_in_titles_and_addresses(invoke, nl, smtp, injection: str, before: str,  # noqa: ANN001
-                                                   after: str) -> None:
+@given(
+    injection=st.sampled_from(INJECTIONS),
+    before=hostile_text(10).filter(lambda s: "\x00" not in s),
+    after=hostile_text(10).filter(lambda s: "\x00" not in s),
+)
+def test_header_injection_in_titles_and_addresses(
+    invoke,
+    nl,
+    smtp,
+    injection: str,
+    before: str,
+    after: str,
+) -> None:
     if count_rows(nl, Subscriber) == 0:
         assert invoke("subscribers", "add", "--confirmed", "reader@example.com").exit_code == 0
     smtp.clear()
     title = before + injection + after
-    added = invoke("posts", "add", "--title", title, "--url", f"https://blog.example/{secrets.token_hex(6)}/",
-                   "--summary", injection)
+    added = invoke(
+        "posts",
+        "add",
+        "--title",
+        title,
+        "--url",
+        f"https://blog.example/{secrets.token_hex(6)}/",
+        "--summary",
+        injection,
+    )
     TRIED["header injection (posts add, send, send --to, subscribers add)"] += 1
     assert_clean_exit(added)
     if added.exit_code == 0:
@@ -1203,7 +1648,7 @@ def test_header_injection_in_titles_and_addresses(invoke, nl, smtp, injection: s
         copy = invoke("send", "--to", "me@example.com")
         assert_clean_exit(copy)
         assert len(smtp.messages) == 2
-        for caught, recipient in zip(smtp.messages, ["reader@example.com", "me@example.com"]):
+        for caught, recipient in zip(smtp.messages, ["reader@example.com", "me@example.com"], strict=True):
             assert_no_injected_header(caught, recipient)
             assert "\n" not in caught.message["Subject"]
     smtp.clear()
@@ -1217,7 +1662,7 @@ def test_header_injection_in_titles_and_addresses(invoke, nl, smtp, injection: s
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
-def test_header_injection_through_the_subscribe_form(site, smtp, injection: str) -> None:  # noqa: ANN001
+def test_header_injection_through_the_subscribe_form(site, smtp, injection: str) -> None:
     for address in (injection, "reader@example.com" + injection, "reader@example.com\nBcc: x@y.z"):
         before = snapshot(site.nl)
         response = site.subscribe(address)
@@ -1230,7 +1675,7 @@ def test_header_injection_through_the_subscribe_form(site, smtp, injection: str)
     assert_no_injected_header(caught, "reader@example.com")
 
 
-def test_the_feed_cannot_inject_headers_either(invoke, nl, smtp, feed: Path) -> None:  # noqa: ANN001
+def test_the_feed_cannot_inject_headers_either(invoke, nl, smtp, feed: Path) -> None:
     assert invoke("subscribers", "add", "--confirmed", "reader@example.com").exit_code == 0
     assert invoke("posts", "fetch").exit_code == 0
     for i, injection in enumerate(INJECTIONS):
@@ -1246,8 +1691,9 @@ def test_the_feed_cannot_inject_headers_either(invoke, nl, smtp, feed: Path) -> 
 
 # ---- focused cases for what the properties above turned up -------------------------------------
 
+
 @pytest.mark.parametrize("option", ["--title", "--url", "--summary"])
-def test_posts_add_with_argv_bytes_that_are_not_utf8(invoke, nl, option: str) -> None:  # noqa: ANN001
+def test_posts_add_with_argv_bytes_that_are_not_utf8(invoke, nl, option: str) -> None:
     """`newsletter posts add --title $'caf\\xe9'` (Latin-1 from an old terminal) reaches Python as a lone surrogate."""
     values = {"--title": "Hello", "--url": "https://blog.example/hello/", "--summary": "Fresh words."}
     values[option] = (values[option] if option != "--url" else "https://blog.example/") + os.fsdecode(b"caf\xe9")
@@ -1259,7 +1705,7 @@ def test_posts_add_with_argv_bytes_that_are_not_utf8(invoke, nl, option: str) ->
 
 
 @pytest.mark.parametrize("when", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"])
-def test_import_dates_at_the_edge_of_time(invoke, nl, tmp_path: Path, when: str) -> None:  # noqa: ANN001
+def test_import_dates_at_the_edge_of_time(invoke, nl, tmp_path: Path, when: str) -> None:
     """A date whose UTC equivalent falls before year 1 or after 9999 skips the line; no OverflowError."""
     path = tmp_path / "readers.csv"
     path.write_text(f"email,status,created_at\nold@example.com,confirmed,{when}\n", encoding="utf-8")
@@ -1269,9 +1715,10 @@ def test_import_dates_at_the_edge_of_time(invoke, nl, tmp_path: Path, when: str)
     assert "line 2" in result.output and count_rows(nl, Subscriber) == 0
 
 
-@pytest.mark.parametrize("method, path", [("PUT", "/"), ("GET", "/subscribe"), ("DELETE", "/healthz"),
-                                          ("PATCH", "/confirm/not-a-token")])
-def test_a_405_says_which_methods_are_allowed(site, method: str, path: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "method, path", [("PUT", "/"), ("GET", "/subscribe"), ("DELETE", "/healthz"), ("PATCH", "/confirm/not-a-token")]
+)
+def test_a_405_says_which_methods_are_allowed(site, method: str, path: str) -> None:
     """RFC 9110 15.5.6: a 405 MUST carry an Allow header, error page or not."""
     response = requests.request(method, site.base + path, timeout=10)
     TRIED["wrong methods on every route (real HTTP)"] += 1
@@ -1279,7 +1726,7 @@ def test_a_405_says_which_methods_are_allowed(site, method: str, path: str) -> N
     assert "Allow" in response.headers
 
 
-def test_send_to_nobody_sends_to_everybody(invoke, nl, smtp) -> None:  # noqa: ANN001
+def test_send_to_nobody_sends_to_everybody(invoke, nl, smtp) -> None:
     """`newsletter send --to "$ME"` with ME unset is refused; it never falls through to mailing the whole list."""
     assert invoke("subscribers", "add", "--confirmed", "everyone@example.com").exit_code == 0
     assert invoke("posts", "add", "--title", "Draft", "--url", "https://blog.example/draft/").exit_code == 0
@@ -1290,9 +1737,10 @@ def test_send_to_nobody_sends_to_everybody(invoke, nl, smtp) -> None:  # noqa: A
     assert result.exit_code == 1
 
 
-@pytest.mark.parametrize("url", ["https://blog.example/a\r\nBcc: x@y.z", "https://blog.example/\x00",
-                                 "https://blog.example/a\tb"])
-def test_posts_add_refuses_a_url_with_control_characters(invoke, nl, url: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "url", ["https://blog.example/a\r\nBcc: x@y.z", "https://blog.example/\x00", "https://blog.example/a\tb"]
+)
+def test_posts_add_refuses_a_url_with_control_characters(invoke, nl, url: str) -> None:
     """Only `starts with http(s)://` is not enough: a line break, NUL or tab would be stored and mailed."""
     result = invoke("posts", "add", "--title", "Hello", "--url", url)
     TRIED["newsletter posts add"] += 1
@@ -1301,7 +1749,7 @@ def test_posts_add_refuses_a_url_with_control_characters(invoke, nl, url: str) -
     assert count_rows(nl, Post) == 0
 
 
-def test_remove_of_an_unknown_address_says_so_in_one_line(invoke) -> None:  # noqa: ANN001
+def test_remove_of_an_unknown_address_says_so_in_one_line(invoke) -> None:
     """An address pasted with a line break is echoed quoted, so the error stays one line."""
     result = invoke("subscribers", "remove", "--", "\nnobody@example.com")
     TRIED["newsletter subscribers remove"] += 1
@@ -1310,8 +1758,13 @@ def test_remove_of_an_unknown_address_says_so_in_one_line(invoke) -> None:  # no
 
 
 @pytest.mark.parametrize("source", ["import", "summary", "feed"])
-def test_nul_characters_never_reach_the_database(invoke, nl, tmp_path: Path, feed: Path,  # noqa: ANN001
-                                                 source: str) -> None:
+def test_nul_characters_never_reach_the_database(
+    invoke,
+    nl,
+    tmp_path: Path,
+    feed: Path,
+    source: str,
+) -> None:
     """NUL from a CSV IP column, a plain-text summary or a feed link: SQLite would keep it, PostgreSQL
     refuses it (DataError), so it must be dropped or refused before it is stored."""
     if source == "import":
@@ -1320,8 +1773,9 @@ def test_nul_characters_never_reach_the_database(invoke, nl, tmp_path: Path, fee
         result = invoke("subscribers", "import", str(path))
         TRIED["newsletter subscribers import"] += 1
     elif source == "summary":
-        result = invoke("posts", "add", "--title", "Hello", "--url", "https://blog.example/hello/", "--summary",
-                        "Fresh\x00words.")
+        result = invoke(
+            "posts", "add", "--title", "Hello", "--url", "https://blog.example/hello/", "--summary", "Fresh\x00words."
+        )
         TRIED["newsletter posts add"] += 1
     else:
         assert invoke("posts", "fetch").exit_code == 0
@@ -1332,12 +1786,16 @@ def test_nul_characters_never_reach_the_database(invoke, nl, tmp_path: Path, fee
         result = invoke("posts", "fetch")
     assert_clean_exit(result)
     with nl.sessions() as session:
-        stored = [*session.scalars(select(Subscriber.subscribed_ip)), *session.scalars(select(Post.summary_html)),
-                  *session.scalars(select(Post.url)), *session.scalars(select(Post.guid))]
+        stored = [
+            *session.scalars(select(Subscriber.subscribed_ip)),
+            *session.scalars(select(Post.summary_html)),
+            *session.scalars(select(Post.url)),
+            *session.scalars(select(Post.guid)),
+        ]
     assert not any("\x00" in (value or "") for value in stored)
 
 
-def test_posts_add_refuses_a_url_longer_than_its_column(invoke, nl) -> None:  # noqa: ANN001
+def test_posts_add_refuses_a_url_longer_than_its_column(invoke, nl) -> None:
     """The column holds 2048 characters; PostgreSQL refuses more with a DataError, SQLite keeps it whole."""
     result = invoke("posts", "add", "--title", "Hello", "--url", "https://blog.example/" + "a" * 3000)
     TRIED["newsletter posts add"] += 1
@@ -1347,8 +1805,11 @@ def test_posts_add_refuses_a_url_longer_than_its_column(invoke, nl) -> None:  # 
 
 
 @pytest.mark.parametrize("key_file", ["dkim\\u0000.pem", "~nosuchuser-for-newsletter/dkim.pem"])
-def test_a_dkim_key_path_that_cannot_be_a_path_is_a_config_error(invoke, config_file: Path,  # noqa: ANN001
-                                                                  key_file: str) -> None:
+def test_a_dkim_key_path_that_cannot_be_a_path_is_a_config_error(
+    invoke,
+    config_file: Path,
+    key_file: str,
+) -> None:
     """A NUL in the path (ValueError) or ~ of an unknown user (RuntimeError) is a config error, exit 2."""
     with config_file.open("a", encoding="utf-8") as file:
         file.write(f'\n[dkim]\nselector = "news"\nprivate_key_file = "{key_file}"\n')

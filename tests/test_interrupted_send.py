@@ -18,7 +18,7 @@ READERS = [f"reader{i:03d}@example.com" for i in range(120)]
 
 
 @pytest.fixture
-def readers(run, tmp_path: Path, feed: Path) -> list[str]:  # noqa: ANN001
+def readers(run, tmp_path: Path, feed: Path) -> list[str]:
     """120 confirmed subscribers and one new post waiting to be announced."""
     csv = tmp_path / "readers.csv"
     csv.write_text("email\n" + "\n".join(READERS) + "\n")
@@ -40,14 +40,14 @@ class Failing(SMTPSink):
         self.limit = limit
         self.tripped = threading.Event()
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if len(self.messages) >= self.limit:
             self.tripped.set()
             return "421 4.3.2 Service shutting down"
         return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
 
-def test_smtp_failing_midway_then_rerun(readers, run, smtp_port) -> None:  # noqa: ANN001
+def test_smtp_failing_midway_then_rerun(readers, run, smtp_port) -> None:
     failing = Failing(limit=45)
     controller = Controller(failing, hostname="127.0.0.1", port=smtp_port)
     controller.start()
@@ -72,17 +72,21 @@ def test_smtp_failing_midway_then_rerun(readers, run, smtp_port) -> None:  # noq
 
 
 class Slow(SMTPSink):
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         await asyncio.sleep(0.01)
         return await super().handle_DATA(server, session, envelope)
 
 
 def _send_process(config_file: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(["newsletter", "--config", str(config_file), "send"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["newsletter", "--config", str(config_file), "send"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def test_ctrl_c_midway_then_rerun_sends_everyone_exactly_once(readers, run, config_file, smtp_port) -> None:  # noqa: ANN001
+def test_ctrl_c_midway_then_rerun_sends_everyone_exactly_once(readers, run, config_file, smtp_port) -> None:
     sink = Slow()
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
@@ -101,7 +105,7 @@ def test_ctrl_c_midway_then_rerun_sends_everyone_exactly_once(readers, run, conf
     assert copies(sink) == collections.Counter(readers)
 
 
-def test_kill_9_midway_then_rerun_misses_nobody(readers, run, config_file, smtp_port) -> None:  # noqa: ANN001
+def test_kill_9_midway_then_rerun_misses_nobody(readers, run, config_file, smtp_port) -> None:
     sink = Slow()
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()

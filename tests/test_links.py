@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 import requests
 from aiosmtpd.controller import Controller
 from itsdangerous import TimestampSigner, URLSafeSerializer, URLSafeTimedSerializer
-from datetime import timedelta
-
 from sqlalchemy import func, select
 
 from newsletter.mailer import MailerError
@@ -20,14 +19,14 @@ from .conftest import SMTPSink
 from .test_reader_flow import confirm_link, subscriber, unsubscribe_link
 
 
-def signed_up(site, smtp, address: str = "reader@example.com") -> str:  # noqa: ANN001
+def signed_up(site, smtp, address: str = "reader@example.com") -> str:
     """Subscribe ADDRESS and return the confirmation link from the email."""
     site.subscribe(address)
     site.deliver_outbox()
     return confirm_link(smtp.to(address)[-1])
 
 
-def confirmed(site, smtp, address: str = "reader@example.com") -> str:  # noqa: ANN001
+def confirmed(site, smtp, address: str = "reader@example.com") -> str:
     """A confirmed subscriber; returns the unsubscribe link from their welcome email."""
     site.press(signed_up(site, smtp, address))
     site.deliver_outbox()
@@ -44,12 +43,12 @@ def _flip_signature(token: str) -> str:
     return f"{head}.{'B' if signature[0] == 'A' else 'A'}{signature[1:]}"
 
 
-def count(nl, model) -> int:  # noqa: ANN001
+def count(nl, model) -> int:
     with nl.sessions() as session:
         return session.scalar(select(func.count()).select_from(model))
 
 
-def test_expired_confirmation_link(site, smtp) -> None:  # noqa: ANN001
+def test_expired_confirmation_link(site, smtp) -> None:
     link = signed_up(site, smtp)
     claim = site.nl.tokens.read_confirm_token(token_of(link))
 
@@ -67,7 +66,7 @@ def test_expired_confirmation_link(site, smtp) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("damage", ["one-char", "cut-short", "other-purpose", "garbage"])
-def test_tampered_confirmation_link(site, smtp, damage: str) -> None:  # noqa: ANN001
+def test_tampered_confirmation_link(site, smtp, damage: str) -> None:
     link = signed_up(site, smtp)
     token = token_of(link)
     bad = {
@@ -82,7 +81,7 @@ def test_tampered_confirmation_link(site, smtp, damage: str) -> None:  # noqa: A
     assert subscriber(site.nl, "reader@example.com").status == Status.UNCONFIRMED
 
 
-def test_a_newer_confirmation_email_replaces_the_older_link(site, smtp, nl) -> None:  # noqa: ANN001
+def test_a_newer_confirmation_email_replaces_the_older_link(site, smtp, nl) -> None:
     first = signed_up(site, smtp)
     with nl.sessions.begin() as session:  # the ten-minute spacing has passed
         for confirmation in session.scalars(select(Confirmation)):
@@ -94,7 +93,7 @@ def test_a_newer_confirmation_email_replaces_the_older_link(site, smtp, nl) -> N
     assert subscriber(nl, "reader@example.com").status == Status.CONFIRMED
 
 
-def test_get_and_head_never_change_anything(site, smtp) -> None:  # noqa: ANN001
+def test_get_and_head_never_change_anything(site, smtp) -> None:
     confirm = signed_up(site, smtp, "scanned@example.com")
     for _ in range(5):
         assert site.get(confirm).status_code == 200
@@ -110,10 +109,13 @@ def test_get_and_head_never_change_anything(site, smtp) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("encoding", ["urlencoded", "multipart"])
-def test_one_click_unsubscribe_rfc8058(site, smtp, encoding: str) -> None:  # noqa: ANN001
+def test_one_click_unsubscribe_rfc8058(site, smtp, encoding: str) -> None:
     link = confirmed(site, smtp)
-    body = {"data": {"List-Unsubscribe": "One-Click"}} if encoding == "urlencoded" else \
-        {"files": {"List-Unsubscribe": (None, "One-Click")}}
+    body = (
+        {"data": {"List-Unsubscribe": "One-Click"}}
+        if encoding == "urlencoded"
+        else {"files": {"List-Unsubscribe": (None, "One-Click")}}
+    )
     for _ in range(2):  # a repeat is harmless
         response = site.post(link, **body)
         assert response.status_code == 200
@@ -121,21 +123,22 @@ def test_one_click_unsubscribe_rfc8058(site, smtp, encoding: str) -> None:  # no
     assert subscriber(site.nl, "reader@example.com").status == Status.UNSUBSCRIBED
 
 
-def test_unsubscribe_button_on_the_page(site, smtp) -> None:  # noqa: ANN001
+def test_unsubscribe_button_on_the_page(site, smtp) -> None:
     link = confirmed(site, smtp)
     response = site.press(link)
     assert response.status_code == 200 and "You're unsubscribed" in response.text
     assert subscriber(site.nl, "reader@example.com").status == Status.UNSUBSCRIBED
 
 
-def test_a_token_cannot_unsubscribe_someone_else(site, smtp) -> None:  # noqa: ANN001
+def test_a_token_cannot_unsubscribe_someone_else(site, smtp) -> None:
     mine = confirmed(site, smtp, "me@example.com")
     confirmed(site, smtp, "other@example.com")
     other_id = subscriber(site.nl, "other@example.com").id
     forged = {
         "wrong key": URLSafeSerializer(["guessed-secret"], salt=UNSUBSCRIBE_SALT).dumps(other_id),
         "other payload, my signature": URLSafeSerializer(["x"], salt=UNSUBSCRIBE_SALT).dumps(other_id).split(".")[0]
-        + "." + token_of(mine).split(".")[1],
+        + "."
+        + token_of(mine).split(".")[1],
         "confirm purpose": site.nl.tokens.confirm_token(other_id, "n"),
         "cut short": token_of(mine)[:-3],
     }
@@ -146,11 +149,23 @@ def test_a_token_cannot_unsubscribe_someone_else(site, smtp) -> None:  # noqa: A
     assert subscriber(site.nl, "me@example.com").status == Status.CONFIRMED
 
 
-@pytest.mark.parametrize("address", [
-    "", "   ", "no-at-sign", "two@@example.com", "a@b", "reader@localhost", "Name <reader@example.com>",
-    "reader@exa mple.com", "x" * 300 + "@example.com", "jörg@example.com", "reader@example.com\r\nBcc: x@y.z",
-])
-def test_malformed_address_gets_400_and_nothing_is_stored(site, smtp, address: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "   ",
+        "no-at-sign",
+        "two@@example.com",
+        "a@b",
+        "reader@localhost",
+        "Name <reader@example.com>",
+        "reader@exa mple.com",
+        "x" * 300 + "@example.com",
+        "jörg@example.com",
+        "reader@example.com\r\nBcc: x@y.z",
+    ],
+)
+def test_malformed_address_gets_400_and_nothing_is_stored(site, smtp, address: str) -> None:
     response = site.subscribe(address)
     assert response.status_code == 400
     assert 'class="error"' in response.text and 'name="email"' in response.text
@@ -158,12 +173,12 @@ def test_malformed_address_gets_400_and_nothing_is_stored(site, smtp, address: s
     assert count(site.nl, Subscriber) == 0 and count(site.nl, OutboxMessage) == 0
 
 
-def test_missing_field_is_a_400(site) -> None:  # noqa: ANN001
+def test_missing_field_is_a_400(site) -> None:
     assert site.post("/subscribe", data={}).status_code == 400
     assert site.record_signups() == 0
 
 
-def test_smtp_down_during_subscribe_then_up(site, smtp_port) -> None:  # noqa: ANN001
+def test_smtp_down_during_subscribe_then_up(site, smtp_port) -> None:
     started = time.monotonic()
     response = site.subscribe("patient@example.com")
     assert response.status_code == 200 and time.monotonic() - started < 2
@@ -181,12 +196,12 @@ def test_smtp_down_during_subscribe_then_up(site, smtp_port) -> None:  # noqa: A
     assert "/confirm/" in message.text
 
 
-def test_healthz(site) -> None:  # noqa: ANN001
+def test_healthz(site) -> None:
     response = site.get("/healthz")
     assert response.status_code == 200 and response.json() == {"status": "ok", "database": "ok"}
 
 
-def test_unknown_page_and_wrong_method(site) -> None:  # noqa: ANN001
+def test_unknown_page_and_wrong_method(site) -> None:
     assert site.get("/nope").status_code == 404
     assert site.get("/subscribe").status_code == 405
     assert "Traceback" not in site.get("/nope").text

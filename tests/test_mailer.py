@@ -135,7 +135,7 @@ def envelopes(recipients: list[str]) -> list[Envelope]:
 TRICKY_BODIES = [
     b".leading dot on the first line\r\n..two dots\r\n.\r\nthe line above is a lone dot\r\n",
     b"long line: " + b"y" * 1200 + b"\r\n.\r\n",
-    "Grüße aus Köln — ünïcödé body ✓\r\n.ñ starts with a dot\r\n".encode("utf-8"),
+    "Grüße aus Köln — ünïcödé body ✓\r\n.ñ starts with a dot\r\n".encode(),
     b"no final line break\r\n.",
 ]
 
@@ -153,7 +153,7 @@ def test_content_round_trips_byte_for_byte(serve, pipelining):
     assert [r.outcome for r in results] == [Outcome.SENT] * len(batch)
     assert all(r.code == 250 and r.reply.startswith("250 2.0.0 Ok: queued as Q") for r in results)
     assert handler.ehlo_count == 1
-    for (sender, rcpts, content, options), envelope in zip(handler.messages, batch):
+    for (sender, rcpts, content, options), envelope in zip(handler.messages, batch, strict=True):
         assert sender == SENDER and rcpts == [envelope.recipient]
         expected = envelope.data if envelope.data.endswith(b"\r\n") else envelope.data + b"\r\n"
         assert content == expected
@@ -187,8 +187,16 @@ def test_refusals_affect_only_their_own_message(serve, pipelining):
     )
     port = serve(handler)
     recipients = [
-        "a@example.org", "gone@example.org", "b@example.org", "busy@example.org", "gone@example.org",
-        "c@example.org", "spamtrap@example.org", "d@example.org", "full@example.org", "e@example.org",
+        "a@example.org",
+        "gone@example.org",
+        "b@example.org",
+        "busy@example.org",
+        "gone@example.org",
+        "c@example.org",
+        "spamtrap@example.org",
+        "d@example.org",
+        "full@example.org",
+        "e@example.org",
     ]
     batch = envelopes(recipients)
     batch.insert(6, Envelope("blocked@blog.example", "f@example.org", message(99)))
@@ -202,7 +210,7 @@ def test_refusals_affect_only_their_own_message(serve, pipelining):
         "spamtrap@example.org": (Outcome.FAILED, 554, "554 5.7.1 content rejected"),
         "full@example.org": (Outcome.DEFERRED, 452, "452 4.2.2 mailbox full"),
     }
-    for envelope, result in zip(batch, results):
+    for envelope, result in zip(batch, results, strict=True):
         want = expected.get(envelope.recipient, (Outcome.SENT, 250, None))
         assert (result.outcome, result.code) == want[:2], envelope.recipient
         if want[2]:
@@ -222,7 +230,7 @@ def test_421_after_some_messages_defers_the_rest_and_next_send_reconnects(serve,
         assert (results[3].outcome, results[3].code) == (Outcome.DEFERRED, 421)
         assert results[3].reply == "421 4.3.2 Service shutting down"
         assert all(r.outcome is Outcome.DEFERRED for r in results[4:])
-        retry = [e for e, r in zip(batch, results) if r.outcome is not Outcome.SENT]
+        retry = [e for e, r in zip(batch, results, strict=True) if r.outcome is not Outcome.SENT]
         assert [r.outcome for r in conn.send(retry)] == [Outcome.SENT] * 5
     assert handler.delivered_to() == [e.recipient for e in batch]
     assert handler.ehlo_count == 2
@@ -366,8 +374,23 @@ def certificates(tmp_path_factory) -> Path:
     (d / "ext.cnf").write_text(
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
     )
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
     return d
 
 
@@ -391,7 +414,12 @@ def test_starttls_then_auth(serve, certificates):
         auth_callback=lambda mechanism, login, password: (login, password) == (b"editor", b"pw"),
     )
     with SMTPConnection(
-        "127.0.0.1", port, security="starttls", username="editor", password="pw", timeout=5,
+        "127.0.0.1",
+        port,
+        security="starttls",
+        username="editor",
+        password="pw",
+        timeout=5,
         ssl_context=client_context(certificates),
     ) as conn:
         assert conn.pipelining
@@ -489,8 +517,16 @@ def scripted():
 
 def answer(rules: dict[str, str], *, ehlo: str = "250-scripted.test\r\n250 8BITMIME"):
     """A script: the first rule whose key starts the line wins, then defaults that accept everything."""
-    defaults = {"EHLO": ehlo, "HELO": "250 scripted.test", "QUIT": "221 bye", "RSET": "250 reset",
-                "MAIL": "250 ok", "RCPT": "250 ok", "DATA": "354 go on", ".": "250 queued"}
+    defaults = {
+        "EHLO": ehlo,
+        "HELO": "250 scripted.test",
+        "QUIT": "221 bye",
+        "RSET": "250 reset",
+        "MAIL": "250 ok",
+        "RCPT": "250 ok",
+        "DATA": "354 go on",
+        ".": "250 queued",
+    }
 
     def respond(line: str) -> str:
         for key, reply in [*rules.items(), *defaults.items()]:
@@ -502,8 +538,14 @@ def answer(rules: dict[str, str], *, ehlo: str = "250-scripted.test\r\n250 8BITM
 
 
 def test_multi_line_replies_are_joined_into_one_line(scripted):
-    server = scripted(answer({".": "250-2.0.0 accepted\r\n250-for delivery\r\n250 queued as A1",
-                              "RCPT TO:<gone@": "550-5.1.1 no such user\r\n550 5.1.1 see the docs"}))
+    server = scripted(
+        answer(
+            {
+                ".": "250-2.0.0 accepted\r\n250-for delivery\r\n250 queued as A1",
+                "RCPT TO:<gone@": "550-5.1.1 no such user\r\n550 5.1.1 see the docs",
+            }
+        )
+    )
     with SMTPConnection("127.0.0.1", server.port, timeout=5) as conn:
         results = conn.send(envelopes(["a@example.org", "gone@example.org", "b@example.org"]))
     assert [(r.outcome, r.code) for r in results] == [(Outcome.SENT, 250), (Outcome.FAILED, 550), (Outcome.SENT, 250)]
@@ -620,6 +662,6 @@ def test_smtp_sink_counts_every_message(smtp_sink, flags, total, pipelining):
         assert conn.pipelining is pipelining
         results = []
         for start in range(0, total, 500):
-            results += conn.send(batch[start:start + 500])
+            results += conn.send(batch[start : start + 500])
     assert [r.outcome for r in results] == [Outcome.SENT] * total
     assert sink_message_count(counter, total) == total

@@ -10,11 +10,11 @@ import html as htmllib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable
 from xml.sax.saxutils import escape as xml_escape
 
 import pytest
@@ -31,14 +31,25 @@ LIST_UNSUBSCRIBE = re.compile(rb"^List-Unsubscribe: ?(\r\n[ \t])?<https://[^\s<>
 TEXT_URL = re.compile(r"https://[^\s<>\"]+")
 LOOKS_LIKE_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)\S+$", re.I)
 NOTIFICATION_HEADERS = {
-    "From", "Subject", "Date", "MIME-Version", "Auto-Submitted", "List-Id", "Precedence", "To",
-    "Message-ID", "List-Unsubscribe", "List-Unsubscribe-Post", "Content-Type",
+    "From",
+    "Subject",
+    "Date",
+    "MIME-Version",
+    "Auto-Submitted",
+    "List-Id",
+    "Precedence",
+    "To",
+    "Message-ID",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "Content-Type",
 }
 SINGLE_HEADERS = {"From", "Subject", "Date", "MIME-Version", "Auto-Submitted", "To", "Message-ID", "Content-Type"}
 INJECTIONS = ["a\r\nBcc: x@y.z", "a\nb", "=?utf-8?q?hi=0ABcc:_x@y.z?=", "\x00"]
 
 
 # ---- the lint (MSG-15) ------------------------------------------------------------------------------
+
 
 class _Html(HTMLParser):
     """Tags, hrefs and anchor texts of an HTML part."""
@@ -154,7 +165,7 @@ def assert_wire_ok(raw: bytes) -> EmailMessage:
     page = parse_html(html)
     # MSG-5: the two parts carry the same links
     hrefs = {htmllib.unescape(href) for href, _ in page.anchors if href.startswith("https://")}
-    assert text_urls(text) == hrefs, (text_urls(text) ^ hrefs)
+    assert text_urls(text) == hrefs, text_urls(text) ^ hrefs
     # MSG-16: no script or form; the HTML part is a whole document
     assert "script" not in page.tags and "form" not in page.tags
     assert "html" in page.tags and html.lstrip().lower().startswith(("<!doctype html", "<html"))
@@ -162,6 +173,7 @@ def assert_wire_ok(raw: bytes) -> EmailMessage:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
 
 def confirm_link(text: str) -> str:
     return next(url for url in text_urls(text) if "/confirm/" in url)
@@ -172,8 +184,13 @@ def config_variant(config_file: Path, **site: str) -> Path:
     content = config_file.read_text(encoding="utf-8")
     for key, value in site.items():
         key = "from" if key == "from_" else key
-        content, count = re.subn(rf"^{key} = .*$", lambda _: f"{key} = {json.dumps(value)}", content,
-                                 count=1, flags=re.M)
+        content, count = re.subn(
+            rf"^{key} = .*$",
+            lambda _, key=key, value=value: f"{key} = {json.dumps(value)}",
+            content,
+            count=1,
+            flags=re.M,
+        )
         assert count == 1, key
     path = config_file.with_name("variant.toml")
     path.write_text(content, encoding="utf-8")
@@ -189,8 +206,15 @@ def cli_with(path: Path) -> Callable[..., Result]:
     return invoke
 
 
-def notify(run: Callable[..., Result], feed: Path, title: str, slug: str = "post",
-           summary: str = "<p>Fresh words.</p>", *, readers: tuple[str, ...] = ("reader@example.com",)) -> str:
+def notify(
+    run: Callable[..., Result],
+    feed: Path,
+    title: str,
+    slug: str = "post",
+    summary: str = "<p>Fresh words.</p>",
+    *,
+    readers: tuple[str, ...] = ("reader@example.com",),
+) -> str:
     """Fetch the feed, add confirmed READERS, publish one post and send it; returns the post URL."""
     assert run("posts", "fetch").exit_code == 0
     for address in readers:
@@ -203,7 +227,8 @@ def notify(run: Callable[..., Result], feed: Path, title: str, slug: str = "post
 
 # ---- confirmation and welcome -----------------------------------------------------------------------
 
-def test_confirmation_and_welcome_pass_the_wire_lint_msg15(site, smtp) -> None:  # noqa: ANN001
+
+def test_confirmation_and_welcome_pass_the_wire_lint_msg15(site, smtp) -> None:
     """MSG-15: both one-off emails pass the lint, and carry the reader in To and the envelope (MSG-3)."""
     assert site.subscribe("ada@example.com").status_code == 200
     site.deliver_outbox()
@@ -228,8 +253,9 @@ def test_confirmation_and_welcome_pass_the_wire_lint_msg15(site, smtp) -> None: 
 
 # ---- notifications ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("source", ["wordpress-rss2.xml", "atom.xml"])
-def test_existing_feed_posts_pass_the_wire_lint_msg5_msg15(source, smtp, run, feed) -> None:  # noqa: ANN001
+def test_existing_feed_posts_pass_the_wire_lint_msg5_msg15(source, smtp, run, feed) -> None:
     """MSG-15: the sample feeds' own posts (images, 'Continue reading' links, a table, an Atom entry with a
     relative link) give clean messages; MSG-5: links in the summary appear in both parts."""
     shutil.copy(Path(__file__).parent / "feeds" / source, feed)
@@ -242,7 +268,7 @@ def test_existing_feed_posts_pass_the_wire_lint_msg5_msg15(source, smtp, run, fe
         assert set(msg.keys()) == NOTIFICATION_HEADERS
 
 
-def test_notification_passes_the_wire_lint_msg15(smtp, run, feed) -> None:  # noqa: ANN001
+def test_notification_passes_the_wire_lint_msg15(smtp, run, feed) -> None:
     """MSG-15, MSG-10: a plain notification passes the lint and carries exactly the expected headers."""
     url = notify(run, feed, "Ice on the quay")
     [note] = smtp.messages
@@ -254,15 +280,19 @@ def test_notification_passes_the_wire_lint_msg15(smtp, run, feed) -> None:  # no
     assert url in note.text and url in note.html
 
 
-HARD_TITLE = ('Grüße aus Kühlungsborn: <Hafen> & "Möwen" — '
-              + "Donaudampfschifffahrtsgesellschaftskapitänsmützenabzeichenherstellerinnungsversammlung "
-              + "x" * 85 + " " + "ÆØÅ æøå 港の朝 ")
+HARD_TITLE = (
+    'Grüße aus Kühlungsborn: <Hafen> & "Möwen" — '
+    + "Donaudampfschifffahrtsgesellschaftskapitänsmützenabzeichenherstellerinnungsversammlung "
+    + "x" * 85
+    + " "
+    + "ÆØÅ æøå 港の朝 "
+)
 HARD_TITLE = (HARD_TITLE * 3)[:299].rstrip() + "!"
 LONG_LINE = "harbour " * 150  # 1,200 characters on one line
 HARD_SUMMARY = f"<p>{LONG_LINE}</p><p>{'ø' * 1200}</p>"
 
 
-def hard_post(source: str, run, feed: Path) -> str:  # noqa: ANN001
+def hard_post(source: str, run, feed: Path) -> str:
     """Send the post with HARD_TITLE and HARD_SUMMARY, from the feed or added by hand; returns its URL."""
     if source == "feed":
         return notify(run, feed, xml_escape(HARD_TITLE, {'"': "&quot;"}), "hard", HARD_SUMMARY)
@@ -274,7 +304,7 @@ def hard_post(source: str, run, feed: Path) -> str:  # noqa: ANN001
     return url
 
 
-def test_long_summary_lines_stay_within_line_limits_msg6(smtp, run, feed) -> None:  # noqa: ANN001
+def test_long_summary_lines_stay_within_line_limits_msg6(smtp, run, feed) -> None:
     """MSG-6: a summary with 1,200-character lines (ASCII and non-ASCII) is sent quoted-printable with
     lines of at most 76 characters, nothing on the wire over 998, and decodes back unchanged."""
     notify(run, feed, "Long lines on the quay", "long", HARD_SUMMARY)
@@ -285,7 +315,7 @@ def test_long_summary_lines_stay_within_line_limits_msg6(smtp, run, feed) -> Non
 
 
 @pytest.mark.parametrize("source", ["feed", "posts add"])
-def test_hard_title_round_trips_msg4_web8(source, smtp, run, feed) -> None:  # noqa: ANN001
+def test_hard_title_round_trips_msg4_web8(source, smtp, run, feed) -> None:
     """MSG-4: a 300-char non-ASCII title with <>&" and 80+ char words becomes an ASCII Subject with no
     adjacent encoded-words that decodes to the title cut at 200; WEB-8: the body shows it escaped in
     HTML and as written in text."""
@@ -304,14 +334,14 @@ def test_hard_title_round_trips_msg4_web8(source, smtp, run, feed) -> None:  # n
 
 
 @pytest.mark.parametrize("source", ["feed", "posts add"])
-def test_hard_title_passes_the_wire_lint_msg4_msg15(source, smtp, run, feed) -> None:  # noqa: ANN001
+def test_hard_title_passes_the_wire_lint_msg4_msg15(source, smtp, run, feed) -> None:
     """MSG-15: the notification for the hard title passes the whole lint."""
     hard_post(source, run, feed)
     [note] = smtp.messages
     assert_wire_ok(note.raw)
 
 
-def test_three_recipients_get_three_message_ids_msg2_msg3(smtp, run, feed) -> None:  # noqa: ANN001
+def test_three_recipients_get_three_message_ids_msg2_msg3(smtp, run, feed) -> None:
     """MSG-2: one new Message-ID per message on the sending domain. MSG-3: each message is addressed to
     exactly its subscriber, in To and in the envelope, with no Bcc."""
     readers = ("a@example.com", "b@example.com", "c@example.com")
@@ -329,7 +359,7 @@ def test_three_recipients_get_three_message_ids_msg2_msg3(smtp, run, feed) -> No
     assert len(ids) == 3 and all(MESSAGE_ID.fullmatch(i) for i in ids)
 
 
-def test_idn_subscriber_gets_punycode_in_to_and_rcpt_msg9(smtp, run, feed) -> None:  # noqa: ANN001
+def test_idn_subscriber_gets_punycode_in_to_and_rcpt_msg9(smtp, run, feed) -> None:
     """MSG-9: an IDN domain goes out as its A-label in the To header and in RCPT TO, never as an encoded-word."""
     notify(run, feed, "Bücher am Kai", readers=("user@bücher.example",))
     [note] = smtp.messages
@@ -340,30 +370,31 @@ def test_idn_subscriber_gets_punycode_in_to_and_rcpt_msg9(smtp, run, feed) -> No
     assert note.recipients == ["user@xn--bcher-kva.example"]
 
 
-def test_list_id_msg11(smtp, run, feed) -> None:  # noqa: ANN001
+def test_list_id_msg11(smtp, run, feed) -> None:
     """MSG-11: List-Id is a phrase and a bracketed identifier of 3+ labels, at most 255 bytes."""
     notify(run, feed, "Spring tides")
     [note] = smtp.messages
     msg = assert_wire_ok(note.raw)
     value = str(msg["List-Id"])
     assert LIST_ID.match(value), value
-    assert len(value[value.rindex("<") + 1:-1].encode()) <= 255
+    assert len(value[value.rindex("<") + 1 : -1].encode()) <= 255
     assert value == '"Harbour Notes new posts" <newposts.news.example.com>'
 
 
 @pytest.mark.parametrize("name", ["Hafennotizen Kühlungsborn", "港の朝"], ids=["latin", "cjk"])
-def test_list_id_with_non_ascii_site_name_msg11(name, smtp, config_file, feed) -> None:  # noqa: ANN001
+def test_list_id_with_non_ascii_site_name_msg11(name, smtp, config_file, feed) -> None:
     """MSG-11: a non-ASCII site name is RFC 2047-encoded in the List-Id phrase; the identifier stays plain."""
     check_non_ascii_list_id(name, smtp, config_file, feed)
 
 
-def test_list_id_with_long_non_ascii_site_name_msg11(smtp, config_file, feed) -> None:  # noqa: ANN001
+def test_list_id_with_long_non_ascii_site_name_msg11(smtp, config_file, feed) -> None:
     """MSG-11: the same for a site name long enough that the List-Id phrase needs several encoded-words."""
-    check_non_ascii_list_id("Ærøskøbing Havneblad — nyheder fra kajen, fiskeriet og færgerne i det sydfynske øhav",
-                            smtp, config_file, feed)
+    check_non_ascii_list_id(
+        "Ærøskøbing Havneblad — nyheder fra kajen, fiskeriet og færgerne i det sydfynske øhav", smtp, config_file, feed
+    )
 
 
-def check_non_ascii_list_id(name: str, smtp, config_file: Path, feed: Path) -> None:  # noqa: ANN001
+def check_non_ascii_list_id(name: str, smtp, config_file: Path, feed: Path) -> None:
     run = cli_with(config_variant(config_file, name=name))
     assert run("db", "upgrade").exit_code == 0
     notify(run, feed, "Fresh catch")
@@ -377,7 +408,7 @@ def check_non_ascii_list_id(name: str, smtp, config_file: Path, feed: Path) -> N
     assert msg["Subject"] == "Fresh catch"
 
 
-def test_list_unsubscribe_is_one_plain_https_uri_msg12_msg14(smtp, run, feed) -> None:  # noqa: ANN001
+def test_list_unsubscribe_is_one_plain_https_uri_msg12_msg14(smtp, run, feed) -> None:
     """MSG-12, MSG-14: one https URI in angle brackets, not encoded or folded inside, the exact Post
     header, and the same URL visible in both body parts."""
     notify(run, feed, "Spring tides")
@@ -385,7 +416,7 @@ def test_list_unsubscribe_is_one_plain_https_uri_msg12_msg14(smtp, run, feed) ->
     check_list_unsubscribe(note, "https://news.example.com")
 
 
-def check_list_unsubscribe(note, base_url: str) -> None:  # noqa: ANN001
+def check_list_unsubscribe(note, base_url: str) -> None:
     assert_wire_ok(note.raw)
     assert LIST_UNSUBSCRIBE.search(note.raw), raw_header(note.raw, "List-Unsubscribe")
     header = raw_header(note.raw, "List-Unsubscribe")
@@ -400,14 +431,14 @@ def check_list_unsubscribe(note, base_url: str) -> None:  # noqa: ANN001
 
 
 LONG_BASE_URLS = [
-    "https://news.example.com/" + "p" * 125,                                         # 150 characters
-    "https://" + "a" * 63 + "." + "b" * 63 + ".example/" + "n" * 6,                  # 150, long host
-    "https://news.example.com:8443/" + "/".join(["blog"] * 34)[:170],                 # 200, the maximum
+    "https://news.example.com/" + "p" * 125,  # 150 characters
+    "https://" + "a" * 63 + "." + "b" * 63 + ".example/" + "n" * 6,  # 150, long host
+    "https://news.example.com:8443/" + "/".join(["blog"] * 34)[:170],  # 200, the maximum
 ]
 
 
 @pytest.mark.parametrize("base_url", LONG_BASE_URLS, ids=lambda u: f"{len(u)}-chars")
-def test_list_unsubscribe_stays_plain_with_long_base_urls_msg14(base_url, smtp, config_file, feed) -> None:  # noqa: ANN001
+def test_list_unsubscribe_stays_plain_with_long_base_urls_msg14(base_url, smtp, config_file, feed) -> None:
     """MSG-14: however long the URL, List-Unsubscribe is written as a literal <https://...>; MSG-11 holds too."""
     run = cli_with(config_variant(config_file, base_url=base_url))
     assert run("db", "upgrade").exit_code == 0
@@ -415,13 +446,14 @@ def test_list_unsubscribe_stays_plain_with_long_base_urls_msg14(base_url, smtp, 
     [note] = smtp.messages
     check_list_unsubscribe(note, base_url)
     list_id = str(note.message["List-Id"])
-    assert LIST_ID.match(list_id) and len(list_id[list_id.rindex("<") + 1:-1]) <= 255
+    assert LIST_ID.match(list_id) and len(list_id[list_id.rindex("<") + 1 : -1]) <= 255
 
 
 # ---- header injection (WEB-6) -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("payload", INJECTIONS, ids=["crlf-bcc", "lf", "encoded-word-bcc", "nul"])
-def test_title_from_posts_add_cannot_inject_headers_web6(payload, smtp, run) -> None:  # noqa: ANN001
+def test_title_from_posts_add_cannot_inject_headers_web6(payload, smtp, run) -> None:
     """WEB-6: a hand-added title is refused with a clear message, or yields exactly the expected headers."""
     run("subscribers", "add", "reader@example.com", "--confirmed")
     added = run("posts", "add", "--title", payload, "--url", "https://harbour-notes.example/2025/04/x/")
@@ -434,7 +466,7 @@ def test_title_from_posts_add_cannot_inject_headers_web6(payload, smtp, run) -> 
 
 
 @pytest.mark.parametrize("payload", INJECTIONS, ids=["crlf-bcc", "lf", "encoded-word-bcc", "nul"])
-def test_title_from_feed_cannot_inject_headers_web6(payload, smtp, run, feed) -> None:  # noqa: ANN001
+def test_title_from_feed_cannot_inject_headers_web6(payload, smtp, run, feed) -> None:
     """WEB-6: the same payloads as a feed item's title."""
     run("posts", "fetch")
     run("subscribers", "add", "reader@example.com", "--confirmed")
@@ -445,7 +477,7 @@ def test_title_from_feed_cannot_inject_headers_web6(payload, smtp, run, feed) ->
     check_no_injection(note)
 
 
-def check_no_injection(note) -> None:  # noqa: ANN001
+def check_no_injection(note) -> None:
     msg = assert_wire_ok(note.raw)
     assert msg.get_all("Bcc") is None
     assert set(msg.keys()) == NOTIFICATION_HEADERS
@@ -454,23 +486,29 @@ def check_no_injection(note) -> None:  # noqa: ANN001
     assert note.recipients == ["reader@example.com"]
 
 
-@pytest.mark.parametrize("name", ["Harbour\r\nBcc: x@y.z", "Harbour\nNotes", "Harbour\rNotes", "Harbour\x00",
-                                  "=?utf-8?q?hi=0ABcc:_x@y.z?="],
-                         ids=["crlf-bcc", "lf", "cr", "nul", "encoded-word-bcc"])
-def test_site_name_with_line_breaks_is_rejected_web6(name, config_file) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "name",
+    ["Harbour\r\nBcc: x@y.z", "Harbour\nNotes", "Harbour\rNotes", "Harbour\x00", "=?utf-8?q?hi=0ABcc:_x@y.z?="],
+    ids=["crlf-bcc", "lf", "cr", "nul", "encoded-word-bcc"],
+)
+def test_site_name_with_line_breaks_is_rejected_web6(name, config_file) -> None:
     """WEB-6: the site name goes into headers, so the configuration refuses CR, LF, NUL and encoded-words."""
     result = cli_with(config_variant(config_file, name=name))("posts", "list")
     assert result.exit_code == 2
     assert "[site] name" in result.output
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("name", "Harbour\x0bNotes"),
-    ("name", "Harbour\x1b[31mNotes"),
-    ("name", "Harbour\x7fNotes"),
-    ("from_", "Harbour\x0bNotes <news@harbour-notes.example>"),
-], ids=["name-vt", "name-esc", "name-del", "from-vt"])
-def test_other_controls_in_config_never_reach_a_header_web6(key, value, smtp, config_file, feed) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("name", "Harbour\x0bNotes"),
+        ("name", "Harbour\x1b[31mNotes"),
+        ("name", "Harbour\x7fNotes"),
+        ("from_", "Harbour\x0bNotes <news@harbour-notes.example>"),
+    ],
+    ids=["name-vt", "name-esc", "name-del", "from-vt"],
+)
+def test_other_controls_in_config_never_reach_a_header_web6(key, value, smtp, config_file, feed) -> None:
     """WEB-6: other C0 controls (and DEL) in header values from the configuration are refused (exit 2),
     or kept out of every header."""
     run = cli_with(config_variant(config_file, **{key: value}))
@@ -483,7 +521,7 @@ def test_other_controls_in_config_never_reach_a_header_web6(key, value, smtp, co
     assert_wire_ok(note.raw)
 
 
-def test_feed_title_of_only_controls_falls_back_to_the_url_web6(smtp, run, feed) -> None:  # noqa: ANN001
+def test_feed_title_of_only_controls_falls_back_to_the_url_web6(smtp, run, feed) -> None:
     """WEB-6: a feed title that is nothing but control characters is treated like a missing title."""
     url = notify(run, feed, "\x00\x01", "controls")
     [note] = smtp.messages
@@ -494,7 +532,8 @@ def test_feed_title_of_only_controls_falls_back_to_the_url_web6(smtp, run, feed)
 
 # ---- HTML safety (WEB-8, MSG-16) --------------------------------------------------------------------
 
-def test_title_is_escaped_in_html_and_literal_in_text_web8(smtp, run) -> None:  # noqa: ANN001
+
+def test_title_is_escaped_in_html_and_literal_in_text_web8(smtp, run) -> None:
     """WEB-8: a title with markup is escaped in the HTML part and appears as written in the text part."""
     title = '<script>alert(1)</script> & "x"'
     run("subscribers", "add", "reader@example.com", "--confirmed")
@@ -508,7 +547,7 @@ def test_title_is_escaped_in_html_and_literal_in_text_web8(smtp, run) -> None:  
     assert re.findall(r"<[^>]*>", note.text) == ["<script>", "</script>"]  # only the title's own characters
 
 
-def test_every_email_html_template_is_autoescaped_web8(app) -> None:  # noqa: ANN001
+def test_every_email_html_template_is_autoescaped_web8(app) -> None:
     """WEB-8: each templates/email/*.html is rendered with autoescape on by the app's Jinja environment."""
     names = [n for n in app.jinja_env.list_templates() if n.startswith("email/") and n.endswith(".html")]
     assert {"email/base.html", "email/confirmation.html", "email/notification.html", "email/welcome.html"} <= set(names)
@@ -516,11 +555,16 @@ def test_every_email_html_template_is_autoescaped_web8(app) -> None:  # noqa: AN
         assert app.jinja_env.autoescape(name) is True, name
 
 
-def test_links_are_https_and_url_texts_match_their_hrefs_msg16(smtp, run, feed) -> None:  # noqa: ANN001
+def test_links_are_https_and_url_texts_match_their_hrefs_msg16(smtp, run, feed) -> None:
     """MSG-16: no script or form, every href is absolute https, an anchor whose text is a URL links to it."""
-    notify(run, feed, "Ice on the quay", "ice",
-           '<p>Photos at <a href="https://harbour-notes.example/photos/">https://harbour-notes.example/photos/</a>'
-           ' and <a href="https://harbour-notes.example/map/">the map</a>.</p>')
+    notify(
+        run,
+        feed,
+        "Ice on the quay",
+        "ice",
+        '<p>Photos at <a href="https://harbour-notes.example/photos/">https://harbour-notes.example/photos/</a>'
+        ' and <a href="https://harbour-notes.example/map/">the map</a>.</p>',
+    )
     [note] = smtp.messages
     assert_wire_ok(note.raw)
     page = parse_html(note.html)
@@ -533,12 +577,13 @@ def test_links_are_https_and_url_texts_match_their_hrefs_msg16(smtp, run, feed) 
     assert "https://harbour-notes.example/map/" in text_urls(note.text)
 
 
-def test_relative_link_in_hand_added_summary_becomes_absolute_msg16(smtp, run) -> None:  # noqa: ANN001
+def test_relative_link_in_hand_added_summary_becomes_absolute_msg16(smtp, run) -> None:
     """MSG-16: a relative link in a hand-written summary is sent as an absolute https link, in both parts."""
     url = "https://harbour-notes.example/2025/04/tides/"
     run("subscribers", "add", "reader@example.com", "--confirmed")
-    added = run("posts", "add", "--title", "Tides", "--url", url,
-                "--summary", '<p>See <a href="/2025/04/map/">the map</a>.</p>')
+    added = run(
+        "posts", "add", "--title", "Tides", "--url", url, "--summary", '<p>See <a href="/2025/04/map/">the map</a>.</p>'
+    )
     assert added.exit_code == 0, added.output
     assert run("send").exit_code == 0
     [note] = smtp.messages

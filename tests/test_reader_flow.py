@@ -11,24 +11,24 @@ from newsletter.models import Status, Subscriber
 from .conftest import publish
 
 
-def confirm_link(caught) -> str:  # noqa: ANN001
+def confirm_link(caught) -> str:
     return next(link for link in caught.links() if "/confirm/" in link)
 
 
-def unsubscribe_link(caught) -> str:  # noqa: ANN001
+def unsubscribe_link(caught) -> str:
     return next(link for link in caught.links() if "/unsubscribe/" in link)
 
 
-def subscriber(nl, address: str) -> Subscriber | None:  # noqa: ANN001
+def subscriber(nl, address: str) -> Subscriber | None:
     with nl.sessions() as session:
         return session.scalar(select(Subscriber).where(Subscriber.email_key == address.lower()))
 
 
-def test_subscribe_confirm_notify_unsubscribe(site, smtp, run, feed) -> None:  # noqa: ANN001
+def test_subscribe_confirm_notify_unsubscribe(site, smtp, run, feed) -> None:
     assert run("posts", "fetch").exit_code == 0
 
     page = site.get("/")
-    assert page.status_code == 200 and 'name="email"' in page.text and "<label for=\"email\"" in page.text
+    assert page.status_code == 200 and 'name="email"' in page.text and '<label for="email"' in page.text
 
     response = site.subscribe("ada@example.com")
     assert response.status_code == 200 and "Check your inbox" in response.text
@@ -51,8 +51,10 @@ def test_subscribe_confirm_notify_unsubscribe(site, smtp, run, feed) -> None:  #
     assert "already subscribed" in site.get(link).text  # opening the link again is harmless and says so
 
     site.deliver_outbox()
-    assert smtp.subjects("ada@example.com") == ["Confirm your subscription to Harbour Notes",
-                                                "You're subscribed to Harbour Notes"]
+    assert smtp.subjects("ada@example.com") == [
+        "Confirm your subscription to Harbour Notes",
+        "You're subscribed to Harbour Notes",
+    ]
 
     url = publish(feed, "Ice on the quay", "ice-on-the-quay")
     smtp.clear()
@@ -81,7 +83,7 @@ def test_subscribe_confirm_notify_unsubscribe(site, smtp, run, feed) -> None:  #
     assert smtp.to("ada@example.com") == []
 
 
-def test_one_notification_per_confirmed_subscriber(site, smtp, run, feed) -> None:  # noqa: ANN001
+def test_one_notification_per_confirmed_subscriber(site, smtp, run, feed) -> None:
     run("posts", "fetch")
     for address in ("a@example.com", "b@example.com", "c@example.com"):
         assert run("subscribers", "add", address, "--confirmed").exit_code == 0
@@ -103,7 +105,7 @@ def test_one_notification_per_confirmed_subscriber(site, smtp, run, feed) -> Non
     assert smtp.messages == []
 
 
-def test_confirming_twice_is_harmless_and_says_so(site, smtp) -> None:  # noqa: ANN001
+def test_confirming_twice_is_harmless_and_says_so(site, smtp) -> None:
     site.subscribe("double@example.com")
     site.deliver_outbox()
     second_click = site.press(confirm_link(smtp.to("double@example.com")[0]), times=2)
@@ -112,7 +114,7 @@ def test_confirming_twice_is_harmless_and_says_so(site, smtp) -> None:  # noqa: 
     assert smtp.subjects("double@example.com").count("You're subscribed to Harbour Notes") == 1
 
 
-def test_first_fetch_announces_nothing(site, smtp, run) -> None:  # noqa: ANN001
+def test_first_fetch_announces_nothing(site, smtp, run) -> None:
     run("subscribers", "add", "a@example.com", "--confirmed")
     result = run("send")
     assert result.exit_code == 0
@@ -121,14 +123,14 @@ def test_first_fetch_announces_nothing(site, smtp, run) -> None:  # noqa: ANN001
     assert listing.count("announced") == 3
 
 
-def test_announce_existing_on_first_fetch(site, smtp, run) -> None:  # noqa: ANN001
+def test_announce_existing_on_first_fetch(site, smtp, run) -> None:
     run("subscribers", "add", "a@example.com", "--confirmed")
     assert run("posts", "fetch", "--announce-existing").exit_code == 0
     run("send", "--no-fetch")
     assert len(smtp.to("a@example.com")) == 3
 
 
-def test_edited_entry_is_not_announced_again(site, smtp, run, feed) -> None:  # noqa: ANN001
+def test_edited_entry_is_not_announced_again(site, smtp, run, feed) -> None:
     run("posts", "fetch")
     run("subscribers", "add", "a@example.com", "--confirmed")
     feed.write_text(feed.read_text().replace("Market prices: a quiet week", "Market prices: a quiet week (updated)"))
@@ -136,21 +138,24 @@ def test_edited_entry_is_not_announced_again(site, smtp, run, feed) -> None:  # 
     assert smtp.messages == []
 
 
-def test_same_page_whatever_the_address_state(site, smtp, run) -> None:  # noqa: ANN001
+def test_same_page_whatever_the_address_state(site, smtp, run) -> None:
     run("subscribers", "add", "confirmed@example.com", "--confirmed")
     run("subscribers", "add", "left@example.com", "--confirmed")
     site.subscribe("pending@example.com")
     with site.nl.sessions.begin() as session:
-        session.scalar(select(Subscriber).where(Subscriber.email_key == "left@example.com")).status = \
-            Status.UNSUBSCRIBED
-    bodies = {address: site.subscribe(address) for address in
-              ("new@example.com", "pending@example.com", "confirmed@example.com", "left@example.com")}
+        session.scalar(
+            select(Subscriber).where(Subscriber.email_key == "left@example.com")
+        ).status = Status.UNSUBSCRIBED
+    bodies = {
+        address: site.subscribe(address)
+        for address in ("new@example.com", "pending@example.com", "confirmed@example.com", "left@example.com")
+    }
     assert {r.status_code for r in bodies.values()} == {200}
     assert len({r.text for r in bodies.values()}) == 1
     assert subscriber(site.nl, "confirmed@example.com").status == Status.CONFIRMED
 
 
-def test_one_subscriber_per_address_whatever_the_case(site, smtp) -> None:  # noqa: ANN001
+def test_one_subscriber_per_address_whatever_the_case(site, smtp) -> None:
     for address in ("Reader@Example.COM", "Reader@example.com", " Reader@EXAMPLE.com "):
         assert site.subscribe(address).status_code == 200
     site.record_signups()
@@ -159,14 +164,14 @@ def test_one_subscriber_per_address_whatever_the_case(site, smtp) -> None:  # no
     assert [(r.email, r.email_key) for r in rows] == [("Reader@example.com", "reader@example.com")]
 
 
-def test_at_most_one_confirmation_per_ten_minutes(site, smtp) -> None:  # noqa: ANN001
+def test_at_most_one_confirmation_per_ten_minutes(site, smtp) -> None:
     for _ in range(5):
         site.subscribe("eager@example.com")
     site.deliver_outbox()
     assert len(smtp.to("eager@example.com")) == 1
 
 
-def test_resubscribe_after_unsubscribing_needs_a_new_confirmation(site, smtp, run) -> None:  # noqa: ANN001
+def test_resubscribe_after_unsubscribing_needs_a_new_confirmation(site, smtp, run) -> None:
     site.subscribe("back@example.com")
     site.deliver_outbox()
     first_link = confirm_link(smtp.to("back@example.com")[0])

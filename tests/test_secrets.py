@@ -7,8 +7,8 @@ from pathlib import Path
 
 import requests
 
-from newsletter.app import create_app
 from newsletter.config import load_config
+from newsletter.web.app import create_app
 
 from .conftest import free_port, wait_for
 
@@ -22,7 +22,7 @@ def rotate(config_file: Path, new_key: str, fallbacks: list[str]) -> None:
     config_file.write_text("\n".join(lines) + "\n")
 
 
-def test_links_signed_with_the_old_key_work_until_it_is_removed(site, smtp, config_file) -> None:  # noqa: ANN001
+def test_links_signed_with_the_old_key_work_until_it_is_removed(site, smtp, config_file) -> None:
     site.subscribe("reader@example.com")
     site.deliver_outbox()
     unsubscribe = site.nl.unsubscribe_url(1)
@@ -45,18 +45,27 @@ def test_links_signed_with_the_old_key_work_until_it_is_removed(site, smtp, conf
 def test_serve_refuses_to_start_without_a_secret_key(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "n.db"}"\n')
-    result = subprocess.run(["newsletter", "--config", str(config), "serve", "--port", str(free_port())],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["newsletter", "--config", str(config), "serve", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "[security] secret_key is empty" in result.stderr
 
 
-def test_serve_warns_when_links_would_not_be_https(run, config_file: Path) -> None:  # noqa: ANN001
+def test_serve_warns_when_links_would_not_be_https(run, config_file: Path) -> None:
     config_file.write_text(config_file.read_text().replace("https://news.example.com", "http://news.example.com"))
     port = free_port()
-    server = subprocess.Popen(["newsletter", "--config", str(config_file), "serve", "--port", str(port), "--no-worker"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["newsletter", "--config", str(config_file), "serve", "--port", str(port), "--no-worker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def up() -> bool:
             try:
                 return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200

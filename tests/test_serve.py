@@ -8,8 +8,8 @@ import signal
 import subprocess
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -39,11 +39,25 @@ def answering(port: int) -> bool:
 
 
 @pytest.fixture
-def server(config_file: Path, app) -> Iterator[tuple[subprocess.Popen, int]]:  # noqa: ANN001
+def server(config_file: Path, app) -> Iterator[tuple[subprocess.Popen, int]]:
     port = free_port()
-    proc = subprocess.Popen(["newsletter", "--config", str(config_file), "serve", "--port", str(port),
-                             "--processes", "2", "--threads", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            "newsletter",
+            "--config",
+            str(config_file),
+            "serve",
+            "--port",
+            str(port),
+            "--processes",
+            "2",
+            "--threads",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: answering(port), timeout=30)
         yield proc, port
@@ -53,7 +67,7 @@ def server(config_file: Path, app) -> Iterator[tuple[subprocess.Popen, int]]:  #
         proc.communicate(timeout=20)
 
 
-def test_two_web_processes_record_every_signup_once(server, smtp) -> None:  # noqa: ANN001
+def test_two_web_processes_record_every_signup_once(server, smtp) -> None:
     proc, port = server
     assert len(children(proc.pid)) == 3  # two web processes and the worker
     readers = [f"reader{i}@example.com" for i in range(40)]
@@ -62,8 +76,9 @@ def test_two_web_processes_record_every_signup_once(server, smtp) -> None:  # no
 
     def sign_up(address: str) -> None:
         barrier.wait()
-        answers.append(requests.post(f"http://127.0.0.1:{port}/subscribe", data={"email": address},
-                                     timeout=30).status_code)
+        answers.append(
+            requests.post(f"http://127.0.0.1:{port}/subscribe", data={"email": address}, timeout=30).status_code
+        )
 
     threads = [threading.Thread(target=sign_up, args=(address,)) for address in readers]
     for thread in threads:
@@ -75,7 +90,7 @@ def test_two_web_processes_record_every_signup_once(server, smtp) -> None:  # no
     assert Counter(m.recipients[0] for m in smtp.messages) == Counter(readers)
 
 
-def test_a_web_process_that_dies_is_replaced(server) -> None:  # noqa: ANN001
+def test_a_web_process_that_dies_is_replaced(server) -> None:
     proc, port = server
     before = children(proc.pid)
     os.kill(before[0], signal.SIGKILL)
@@ -83,7 +98,7 @@ def test_a_web_process_that_dies_is_replaced(server) -> None:  # noqa: ANN001
     assert all(answering(port) for _ in range(10))
 
 
-def test_web_processes_end_when_the_server_is_killed(server) -> None:  # noqa: ANN001
+def test_web_processes_end_when_the_server_is_killed(server) -> None:
     proc, port = server
     workers = children(proc.pid)
     proc.kill()
@@ -93,7 +108,7 @@ def test_web_processes_end_when_the_server_is_killed(server) -> None:  # noqa: A
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_stops_every_process(server, how: signal.Signals) -> None:  # noqa: ANN001
+def test_ctrl_c_or_sigterm_stops_every_process(server, how: signal.Signals) -> None:
     proc, port = server
     workers = children(proc.pid)
     proc.send_signal(how)
@@ -104,31 +119,34 @@ def test_ctrl_c_or_sigterm_stops_every_process(server, how: signal.Signals) -> N
     assert not answering(port)
 
 
-def test_old_processed_signups_are_forgotten_but_new_ones_never(site, nl, app, run) -> None:  # noqa: ANN001
+def test_old_processed_signups_are_forgotten_but_new_ones_never(site, nl, run) -> None:
     for i in range(3):
         assert site.subscribe(f"reader{i}@example.com").status_code == 200
     assert "sign-ups waiting for the worker: 3" in run("stats").output
     with nl.engine.begin() as conn:  # two of them arrived two hours ago, before the window of the rate limit
         conn.execute(Signup.__table__.update().where(Signup.id <= 2).values(received_at=Signup.received_at - 7200))
-    with app.app_context():
-        forget_old(nl)
-        assert count_log(nl) == 3  # not yet recorded: kept whatever their age
-        assert process_signups(nl) == 3
-        forget_old(nl)
+    forget_old(nl)
+    assert count_log(nl) == 3  # not yet recorded: kept whatever their age
+    assert process_signups(nl) == 3
+    forget_old(nl)
     assert count_log(nl) == 1
     assert "sign-ups waiting for the worker: 0" in run("stats").output
 
 
-def count_log(nl) -> int:  # noqa: ANN001
+def count_log(nl) -> int:
     with nl.sessions() as session:
         return session.scalar(select(func.count()).select_from(Signup))
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="a server that drops connections: PostgreSQL")
-def test_a_sign_up_survives_the_database_dropping_its_connection(site, nl) -> None:  # noqa: ANN001
+def test_a_sign_up_survives_the_database_dropping_its_connection(site, nl) -> None:
     assert site.subscribe("before@example.com").status_code == 200
     with nl.engine.connect() as conn:  # as a restart of the database server does
-        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
     assert site.subscribe("after@example.com").status_code == 200
     assert count_log(nl) == 2

@@ -7,7 +7,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import db
-from ..app import newsletter
+from .context import newsletter
 
 bp = Blueprint("health", __name__)
 

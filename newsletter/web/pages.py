@@ -5,13 +5,15 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from ..app import newsletter
 from ..resources import resource_dir
+from .context import newsletter
 
 bp = Blueprint("pages", __name__)
 
-CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-       "base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
+)
 
 
 @bp.get("/")
@@ -40,14 +42,14 @@ def install_error_pages(app: Flask) -> None:
     def http_error(exc: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
         title, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
         headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
-        return render_template("web/error.html", code=exc.code, title=title, message=message), exc.code or 500, \
-            headers
+        return render_template("web/error.html", code=exc.code, title=title, message=message), exc.code or 500, headers
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception) -> tuple[str, int]:
         app.logger.exception("unhandled error on %s %s", request.method, request.path)
-        return render_template("web/error.html", code=500, title="Something went wrong",
-                               message="Please try again in a moment."), 500
+        return render_template(
+            "web/error.html", code=500, title="Something went wrong", message="Please try again in a moment."
+        ), 500
 
     @app.after_request
     def security_headers(response: Response) -> Response:

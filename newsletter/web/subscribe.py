@@ -8,11 +8,10 @@ from urllib.parse import urlsplit
 from flask import Blueprint, abort, render_template, request
 from werkzeug.exceptions import TooManyRequests
 
-from ..app import csrf, newsletter, session
 from ..models import Status, Subscriber
 from ..subscriptions import InvalidAddress, confirm, normalize
 from ..tokens import ExpiredToken, InvalidToken
-from . import requester
+from .context import csrf, newsletter, rendered_pages, requester, session, signup_log
 from .pages import subscribe_form
 
 bp = Blueprint("subscribe", __name__)
@@ -35,7 +34,7 @@ def submit() -> tuple[str, int]:
         validated = normalize(address)
     except InvalidAddress as exc:
         return subscribe_form(error=str(exc), email=address[:320]), 400
-    wait = newsletter().signups.add(validated.normalized, requester())
+    wait = signup_log().add(validated.normalized, requester())
     if wait is not None:
         raise TooManyRequests(retry_after=math.ceil(wait))
     return _check_inbox()
@@ -43,7 +42,7 @@ def submit() -> tuple[str, int]:
 
 def _check_inbox() -> tuple[str, int]:
     """The page every accepted form gets; it is the same for everyone, so each app renders it once."""
-    rendered = newsletter().rendered
+    rendered = rendered_pages()
     if request.script_root not in rendered:
         rendered[request.script_root] = render_template("web/check_inbox.html")
     return rendered[request.script_root], 200
@@ -110,7 +109,8 @@ def confirm_page(token: str) -> tuple[str, int]:
     subscriber, problem = _confirmable(token)
     if problem:
         return _bad_link(problem)
-    already = subscriber.status == Status.CONFIRMED  # type: ignore[union-attr]
+    assert subscriber is not None  # _confirmable gives one or the other
+    already = subscriber.status == Status.CONFIRMED
     return render_template("web/confirm.html", token=token, already=already), 200
 
 
@@ -120,8 +120,9 @@ def confirm_submit(token: str) -> tuple[str, int]:
     subscriber, problem = _confirmable(token)
     if problem:
         return _bad_link(problem)
-    already = subscriber.status == Status.CONFIRMED  # type: ignore[union-attr]
+    assert subscriber is not None  # _confirmable gives one or the other
+    already = subscriber.status == Status.CONFIRMED
     if not already:
-        confirm(session(), subscriber, newsletter(), requester())  # type: ignore[arg-type]
+        confirm(session(), subscriber, newsletter(), requester())
         session().commit()
     return render_template("web/confirmed.html", already=already), 200

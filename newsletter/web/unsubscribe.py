@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, render_template, request
 
-from ..app import csrf, newsletter, session
 from ..models import Subscriber
 from ..subscriptions import unsubscribe
 from ..tokens import InvalidToken
-from . import requester
+from .context import csrf, newsletter, requester, session
 
 bp = Blueprint("unsubscribe", __name__)
 

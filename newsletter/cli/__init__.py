@@ -1,0 +1,13 @@
+"""The `newsletter` command: it parses arguments, calls the services and prints, one module per area."""
+
+from __future__ import annotations
+
+from .base import Failure, cli, main
+from .posts import posts, send
+from .site import check, db_group, demo, embed, serve, stats, worker
+from .subscribers import subscribers
+
+for _command in (db_group, serve, worker, posts, send, subscribers, embed, check, stats, demo):
+    cli.add_command(_command)
+
+__all__ = ["Failure", "cli", "main"]

@@ -1,0 +1,286 @@
+"""Running and inspecting an installation: `db upgrade`, `serve`, `worker`, `demo`, `embed`, `check`, `stats`."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from .. import db
+from .. import stats as stats_service
+from ..checks import run_checks
+from ..config import ConfigError, load_config
+from ..mailer import MailerError
+from ..models import Status
+from ..runtime import Newsletter
+from ..serving import CAN_FORK, default_processes, listen
+from ..serving import serve as serve_site
+from ..worker import run_worker, work_once
+from .base import Failure, State, pass_state
+from .posts import fetch_feed
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+
+@click.group("db")
+def db_group() -> None:
+    """Create or update the database schema.
+
+    \b
+    Example:
+      $ newsletter db upgrade
+    """
+
+
+@db_group.command("upgrade")
+@pass_state
+def db_upgrade(state: State) -> None:
+    """Bring the database (empty or older) to the latest schema.
+
+    \b
+    Example:
+      $ newsletter db upgrade
+      database upgraded from (empty) to 0001
+    """
+    nl = state.newsletter(check_schema=False)
+    try:
+        before, after = db.upgrade(nl.engine)
+    except db.DatabaseError as exc:
+        raise Failure(str(exc), exit_code=2) from None
+    if before == after:
+        click.echo(f"database already at the latest schema ({after})")
+    else:
+        click.echo(f"database upgraded from {before or '(empty)'} to {after}")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=default_processes(),
+    show_default="2 per CPU, at most 8",
+    help="Web processes sharing the port (1 where the system cannot fork).",
+)
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Request threads per process (more threads in one process mostly wait for each other).",
+)
+@click.option(
+    "--no-worker", is_flag=True, help="Do not record sign-ups or deliver outbox mail here (run `newsletter worker`)."
+)
+@pass_state
+def serve(state: State, host: str, port: int, processes: int, threads: int, no_worker: bool) -> None:
+    """Run the subscribe pages with waitress, recording sign-ups and delivering their mail in the background.
+
+    With more than one process, the web processes share the port and the worker runs in a process of its own.
+
+    \b
+    Example (behind a reverse proxy on the same host):
+      $ newsletter serve --host 127.0.0.1 --port 8000
+    """
+    from ..web.app import create_app
+
+    nl = state.newsletter()
+    _run_site(nl, create_app(nl), host, port, processes if CAN_FORK else 1, threads, worker=not no_worker)
+
+
+def _run_site(
+    nl: Newsletter,
+    app: Flask,
+    host: str,
+    port: int,
+    processes: int,
+    threads: int,
+    worker: bool = True,
+    before: Callable[[], None] | None = None,
+) -> None:
+    if not nl.config.base_url.startswith("https://") and not nl.config.demo:
+        click.echo(
+            f"warning: [site] base_url {nl.config.base_url} is not https; links in emails will not be encrypted",
+            err=True,
+        )
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        raise Failure(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --host or --port"
+        ) from None
+    click.echo(
+        f"Serving {nl.config.site.name} on http://{host}:{port}/ "
+        f"({processes} web process{'es' if processes > 1 else ''}; Ctrl-C to stop)"
+    )
+    if before:
+        before()
+    serve_site(
+        app,
+        sock,
+        processes,
+        threads,
+        background=(lambda stop: run_worker(nl, stop)) if worker else None,
+        after_fork=lambda: nl.engine.dispose(close=False),
+    )
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Do what is due, then exit.")
+@pass_state
+def worker(state: State, once: bool) -> None:
+    """Record sign-ups and deliver confirmation and welcome emails (when `serve --no-worker` runs the site).
+
+    \b
+    Example:
+      $ newsletter worker --once
+      sign-ups: 3 recorded; outbox: 3 sent, 0 deferred, 0 failed
+    """
+    nl = state.newsletter()
+    if once:
+        try:
+            recorded, report = work_once(nl)
+        except MailerError as exc:
+            raise Failure(f"SMTP server {nl.config.smtp.host}:{nl.config.smtp.port}: {exc}") from None
+        click.echo(
+            f"sign-ups: {recorded} recorded; "
+            f"outbox: {report.sent} sent, {report.deferred} deferred, {report.failed} failed"
+        )
+        return
+    stop = threading.Event()
+    click.echo("Recording sign-ups and delivering outbox mail (Ctrl-C to stop)")
+    try:
+        run_worker(nl, stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@click.command()
+@pass_state
+def embed(state: State) -> None:
+    """Print an HTML form to paste into the blog (a sidebar widget) that subscribes readers here.
+
+    It posts straight to this site's /subscribe, from any page of the blog, and needs no script.
+
+    \b
+    Example:
+      $ newsletter embed > subscribe-widget.html
+    """
+    nl = state.newsletter()
+    click.echo(nl.render("web/embed.html", action=f"{nl.config.base_url}/subscribe"))
+
+
+@click.command()
+@pass_state
+def check(state: State) -> None:
+    """Check the setup for what would otherwise show up as bounces or spam-foldered mail.
+
+    Looks at base_url, the From domain, the SMTP server (reachable, TLS verified), DKIM, and prints
+    the headers of a sample notification. Exits with status 1 when something needs fixing.
+
+    \b
+    Example:
+      $ newsletter check
+      ok    base_url: https://news.example.com
+      ...
+    """
+    checks = run_checks(state.newsletter(check_schema=False))
+    for item in checks:
+        label = {True: "ok", False: "FIX", None: "info"}[item.ok]
+        first, *rest = item.detail.splitlines() or [""]
+        click.echo(f"{label:<5} {item.name}: {first}")
+        for line in rest:
+            click.echo(f"        {line}")
+    if any(item.ok is False for item in checks):
+        sys.exit(1)
+
+
+@click.command()
+@pass_state
+def stats(state: State) -> None:
+    """Show subscribers by status, posts, queued mail, and whether sign-ups are being held.
+
+    \b
+    Example:
+      $ newsletter stats
+    """
+    found = stats_service.collect(state.newsletter())
+    click.echo("subscribers: " + ", ".join(f"{found.subscribers[s]} {s.value}" for s in Status))
+    click.echo(f"posts: {found.posts}, {found.posts_waiting} not yet announced")
+    click.echo(f"sign-ups waiting for the worker: {found.signups_unrecorded}")
+    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(found.outbox_queued.items()))
+    queued = sum(found.outbox_queued.values())
+    click.echo(f"outbox: {queued} queued{f' ({kinds})' if kinds else ''}, {found.outbox_held} held")
+    line = f"sign-ups in the last hour: {found.signups_last_hour} (ceiling {found.signup_ceiling})"
+    if found.holding:
+        line += ": confirmation emails are HELD until sign-ups slow down; check for a bot submitting addresses"
+    click.echo(line)
+
+
+@click.command()
+@click.option(
+    "--dir",
+    "folder",
+    default="newsletter-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the demo's database, config, feed and caught mail.",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Web port.")
+@click.option(
+    "--smtp-port",
+    default=8025,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the built-in mail catcher.",
+)
+def demo(folder: str, port: int, smtp_port: int) -> None:
+    """Try everything on this machine: SQLite, a generated secret, a built-in mail catcher, a sample feed.
+
+    \b
+    Example:
+      $ newsletter demo
+      Open http://127.0.0.1:8000/ ...
+    """
+    from ..demo import MailCatcher, write_demo_config
+    from ..web.app import create_app
+
+    base = Path(folder)
+    config_file = write_demo_config(base, port, smtp_port)
+    try:
+        nl = Newsletter(replace(load_config(config_file), demo=True))
+        db.upgrade(nl.engine)
+        fetch_feed(nl)
+    except (ConfigError, db.DatabaseError) as exc:
+        raise Failure(str(exc), exit_code=2) from None
+    app = create_app(nl)
+    app.config["DEMO_MAILDIR"] = str((base / "mail").resolve())
+    app.config["DEMO_CONFIG"] = str(config_file.resolve())
+    catcher = MailCatcher(base / "mail", smtp_port, announce=click.echo)
+    try:
+        catcher.start()
+    except (OSError, RuntimeError) as exc:
+        raise Failure(
+            f"cannot start the mail catcher on 127.0.0.1:{smtp_port} ({exc}); try --smtp-port with a free port"
+        ) from None
+
+    def banner() -> None:
+        click.echo(f"""
+  newsletter demo is running.
+    Subscribe:        http://127.0.0.1:{port}/
+    Caught emails:    http://127.0.0.1:{port}/demo  (also printed here as they arrive)
+    Send new posts:   newsletter --config {config_file} send   (or the button on the demo page)
+""")
+
+    try:
+        # one process: the demo page reads the mail catcher of this one
+        _run_site(nl, app, "127.0.0.1", port, processes=1, threads=8, before=banner)
+    finally:
+        catcher.stop()

@@ -1,0 +1,55 @@
+"""`newsletter stats`: the state of the list and of the mail waiting to go, as counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from .models import OutboxMessage, Post, Signup, Status, Subscriber
+from .runtime import Newsletter
+from .subscriptions import signups_in_last_hour
+
+
+@dataclass(frozen=True)
+class Stats:
+    subscribers: dict[Status, int]
+    posts: int
+    posts_waiting: int
+    signups_unrecorded: int
+    outbox_queued: dict[str, int]  # by kind of email
+    outbox_held: int
+    signups_last_hour: int
+    signup_ceiling: int
+
+    @property
+    def holding(self) -> bool:
+        """Whether confirmation emails are being held because of a flood of sign-ups."""
+        return self.signups_last_hour > self.signup_ceiling or self.outbox_held > 0
+
+
+def collect(nl: Newsletter) -> Stats:
+    queued = (
+        select(OutboxMessage.kind, func.count())
+        .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None), OutboxMessage.held.is_(False))
+        .group_by(OutboxMessage.kind)
+    )
+    with nl.sessions() as session:
+        counts = dict(session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status)).all())
+        return Stats(
+            subscribers={status: counts.get(status, 0) for status in Status},
+            posts=session.scalar(select(func.count()).select_from(Post)) or 0,
+            posts_waiting=session.scalar(select(func.count()).select_from(Post).where(Post.announced_at.is_(None)))
+            or 0,
+            signups_unrecorded=session.scalar(
+                select(func.count()).select_from(Signup).where(Signup.processed_at.is_(None))
+            )
+            or 0,
+            outbox_queued=dict(session.execute(queued).all()),
+            outbox_held=session.scalar(
+                select(func.count()).select_from(OutboxMessage).where(OutboxMessage.held.is_(True))
+            )
+            or 0,
+            signups_last_hour=signups_in_last_hour(session),
+            signup_ceiling=nl.config.web.signup_ceiling,
+        )
