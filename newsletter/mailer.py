@@ -1,6 +1,8 @@
-"""SMTP transport: one persistent connection, many messages, ESMTP PIPELINING when offered.
+"""The way out for mail: the Transport protocol (a batch of envelopes in, one Result each out), the SMTP
+client behind it, and an in-memory transport for tests. DKIM signing wraps any transport (signing.py).
 
-An SMTPConnection is not thread-safe: give each sending thread its own connection.
+SMTPConnection: one persistent connection, many messages, ESMTP PIPELINING when offered. It is not
+thread-safe: give each sending thread its own connection.
 
 With PIPELINING (RFC 2920) each message costs one round trip: the end of one message's
 content is written together with the next message's MAIL FROM, RCPT TO and DATA, and the
