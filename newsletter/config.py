@@ -69,6 +69,7 @@ class WebConfig:
     embed_origins: list[str] = field(default_factory=list)
     min_fill_seconds: int = 2
     signup_ceiling: int = 100
+    unconfirmed_days: int = 30
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,15 @@ class Subscriber(Base):
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     unsubscribed_ip: Mapped[str | None] = mapped_column(String(64))
     unsubscribed_user_agent: Mapped[str | None] = mapped_column(String(512))
+    # A sign-up by an address already on the list, kept apart until its confirmation is clicked.
+    pending_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pending_ip: Mapped[str | None] = mapped_column(String(64))
+    pending_user_agent: Mapped[str | None] = mapped_column(String(512))
 
     __table_args__ = (
         Index("ix_subscribers_status", "status"),
         Index("ix_subscribers_subscribed_at", "subscribed_at"),
+        Index("ix_subscribers_pending_at", "pending_at"),
         {"sqlite_autoincrement": True},
     )
 

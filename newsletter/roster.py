@@ -4,6 +4,7 @@ consent record."""
 from __future__ import annotations
 
 import csv
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +18,6 @@ from sqlalchemy.orm import Session
 from .models import Delivery, Status, Subscriber, utcnow
 from .runtime import Newsletter
 from .subscriptions import Requester, email_key, normalize
-from .text import clean_field
 
 
 class ImportFileError(ValueError):
@@ -54,15 +54,32 @@ def _get_or_create(session: Session, validated: ValidatedEmail, status: Status) 
     return subscriber, True
 
 
-def add(session: Session, raw: str, confirmed: bool, requester: Requester) -> tuple[Subscriber, bool]:
-    """An address added by the owner; returns (subscriber, created)."""
+class LeftTheList(ValueError):
+    """The address unsubscribed or bounced: the owner may add it back only deliberately (--force)."""
+
+
+def add(
+    session: Session, raw: str, confirmed: bool, requester: Requester, force: bool = False
+) -> tuple[Subscriber, bool]:
+    """An address added by the owner; returns (subscriber, created).
+
+    CONFIRMED confirms a new or unconfirmed address; one that unsubscribed or bounced stays so (LeftTheList)
+    unless FORCE, and then the consent record says the owner confirmed it, when, and that it was forced.
+    """
     subscriber, created = _get_or_create(session, normalize(raw), Status.UNCONFIRMED)
     now = utcnow()
     if created:
         subscriber.subscribed_at, subscriber.subscribed_user_agent = now, requester.user_agent
     if confirmed and subscriber.status != Status.CONFIRMED:
+        left = subscriber.status in (Status.UNSUBSCRIBED, Status.BOUNCED)
+        if left and not force:
+            raise LeftTheList(
+                f"{subscriber.email} is {subscriber.status.value}: they left the list, so it is not confirmed "
+                "again; add --force only if they asked you to add them back"
+            )
         subscriber.status = Status.CONFIRMED
-        subscriber.confirmed_at, subscriber.confirmed_user_agent = now, requester.user_agent
+        subscriber.confirmed_at, subscriber.confirmed_ip = now, None
+        subscriber.confirmed_user_agent = f"{requester.user_agent} --force" if left else requester.user_agent
     return subscriber, created
 
 
@@ -81,17 +98,25 @@ _TIMES = [c for c in EXPORT_COLUMNS if c.endswith("_at")]
 _IPS = [c for c in EXPORT_COLUMNS if c.endswith("_ip")]
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """CELL as a spreadsheet shows it and never runs it: a leading ' before what starts a formula (OWASP)."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
+def from_spreadsheet(cell: str) -> str:
+    """A cell as spreadsheet_safe wrote it, back as it was."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+
+
 def export_row(subscriber: Subscriber) -> list[str]:
     values = []
     for column in EXPORT_COLUMNS:
         value = getattr(subscriber, column)
-        values.append(
-            value.value
-            if isinstance(value, Status)
-            else value.isoformat()
-            if isinstance(value, datetime)
-            else value or ""
-        )
+        text = value.value if isinstance(value, Status) else value.isoformat() if isinstance(value, datetime) else value
+        values.append(spreadsheet_safe(text or ""))
     return values
 
 
@@ -114,14 +139,23 @@ def import_row(session: Session, row: dict[str, str]) -> bool:
                 raise ValueError(
                     f"{column} {row[column]!r} is not a date and time like 2026-01-31T12:00:00+00:00"
                 ) from None
+    ips = {}
+    for column in _IPS:
+        if row.get(column):
+            try:
+                ips[column] = str(ipaddress.ip_address(row[column]))
+            except ValueError:
+                raise ValueError(f"{column} {row[column]!r} is not an IP address") from None
+    if find(session, row.get("email", "")) is not None:
+        return False  # an import never changes a subscriber who is already on the list
     subscriber, created = add(session, row.get("email", ""), status == Status.CONFIRMED.value, Requester.admin())
     if not created:
         return False
     subscriber.status = Status(status)
     for column, value in times.items():
         setattr(subscriber, column, value)
-    for column in _IPS:
-        setattr(subscriber, column, clean_field(row.get(column), 64))
+    for column, ip in ips.items():
+        setattr(subscriber, column, ip)
     return True
 
 
@@ -131,10 +165,13 @@ def remove(session: Session, subscriber: Subscriber) -> None:
     session.delete(subscriber)
 
 
-def add_subscriber(nl: Newsletter, raw: str, confirmed: bool) -> tuple[str, Status, bool]:
-    """Add an address from the command line; returns (address, status, created). Raises InvalidAddress."""
+def add_subscriber(nl: Newsletter, raw: str, confirmed: bool, force: bool = False) -> tuple[str, Status, bool]:
+    """Add an address from the command line; returns (address, status, created).
+
+    Raises InvalidAddress, or LeftTheList for an address that left when CONFIRMED is asked without FORCE.
+    """
     with nl.sessions.begin() as session:
-        subscriber, created = add(session, raw, confirmed, Requester.admin())
+        subscriber, created = add(session, raw, confirmed, Requester.admin(), force)
         return subscriber.email, subscriber.status, created
 
 
@@ -177,7 +214,11 @@ def import_csv(nl: Newsletter, file: TextIO) -> ImportReport:
             raise ImportFileError(f"{name}: the first line must name the columns, with one called email")
         with nl.sessions.begin() as session:
             for raw_row in reader:
-                row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw_row.items() if isinstance(v, str)}
+                row = {
+                    (k or "").strip().lower(): from_spreadsheet((v or "").strip())
+                    for k, v in raw_row.items()
+                    if isinstance(v, str)
+                }
                 try:
                     with session.begin_nested():
                         created = import_row(session, row)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from .models import OutboxMessage, Post, Signup, Status, Subscriber
 from .runtime import Newsletter
@@ -17,6 +17,8 @@ class Stats:
     posts: int
     posts_waiting: int
     signups_unrecorded: int
+    unconfirmed: int  # sign-ups waiting for their confirmation to be clicked
+    unconfirmed_days: int
     outbox_queued: dict[str, int]  # by kind of email
     outbox_held: int
     signups_last_hour: int
@@ -45,6 +47,13 @@ def collect(nl: Newsletter) -> Stats:
                 select(func.count()).select_from(Signup).where(Signup.processed_at.is_(None))
             )
             or 0,
+            unconfirmed=session.scalar(
+                select(func.count())
+                .select_from(Subscriber)
+                .where(or_(Subscriber.status == Status.UNCONFIRMED, Subscriber.pending_at.is_not(None)))
+            )
+            or 0,
+            unconfirmed_days=nl.config.web.unconfirmed_days,
             outbox_queued=dict(session.execute(queued).all()),
             outbox_held=session.scalar(
                 select(func.count()).select_from(OutboxMessage).where(OutboxMessage.held.is_(True))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import db
@@ -75,12 +75,38 @@ def _may_send_confirmation(conn: Connection, key: str) -> bool:
 
 def signups_in_last_hour(conn: Session | Connection, at_most: int | None = None) -> int:
     """Unconfirmed sign-ups of the last hour, counted up to AT_MOST when given."""
+    since = utcnow() - timedelta(hours=1)
     recent = select(SUBSCRIBERS.c.id).where(
-        SUBSCRIBERS.c.status == Status.UNCONFIRMED, SUBSCRIBERS.c.subscribed_at > utcnow() - timedelta(hours=1)
+        or_(
+            and_(SUBSCRIBERS.c.status == Status.UNCONFIRMED, SUBSCRIBERS.c.subscribed_at > since),
+            SUBSCRIBERS.c.pending_at > since,
+        )
     )
     if at_most is not None:
         recent = recent.limit(at_most)
     return conn.scalar(select(func.count()).select_from(recent.subquery())) or 0
+
+
+def forget_unconfirmed(nl: Newsletter) -> int:
+    """Delete what is left of sign-ups never confirmed within [web] unconfirmed_days: unconfirmed readers
+    with their personal data and emails (by ON DELETE CASCADE), the pending sign-ups of readers who left,
+    and confirmation emails never delivered. Returns how many unconfirmed readers were deleted."""
+    cutoff = utcnow() - timedelta(days=nl.config.web.unconfirmed_days)
+    last_signup = func.coalesce(SUBSCRIBERS.c.pending_at, SUBSCRIBERS.c.subscribed_at, SUBSCRIBERS.c.created_at)
+    with nl.engine.begin() as conn:
+        stale = delete(SUBSCRIBERS).where(SUBSCRIBERS.c.status == Status.UNCONFIRMED, last_signup < cutoff)
+        forgotten: int = conn.execute(stale).rowcount
+        conn.execute(
+            update(SUBSCRIBERS)
+            .where(SUBSCRIBERS.c.pending_at < cutoff)
+            .values(pending_at=None, pending_ip=None, pending_user_agent=None, confirm_nonce=None)
+        )
+        conn.execute(
+            delete(OUTBOX).where(
+                OUTBOX.c.kind == "confirmation", OUTBOX.c.sent_at.is_(None), OUTBOX.c.created_at < cutoff
+            )
+        )
+    return forgotten
 
 
 def release_held(nl: Newsletter) -> int:
@@ -94,8 +120,10 @@ def release_held(nl: Newsletter) -> int:
 def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, at: datetime | None = None) -> None:
     """Record a sign-up made AT (default now) and queue a confirmation email, within the per-address limits.
 
-    When more sign-ups than [web] signup_ceiling arrived in the last hour, the email is stored but held
-    until the rate falls again (a bot submitting many strangers' addresses cannot flood them).
+    An address already on the list keeps its status and consent record: the sign-up waits in pending_*
+    until its confirmation is clicked, so nobody can re-subscribe a reader who left. When more sign-ups
+    than [web] signup_ceiling arrived in the last hour, the email is stored but held until the rate falls
+    again (a bot submitting many strangers' addresses cannot flood them).
     Core statements on the session's connection: the worker runs this for every sign-up.
     """
     validated = normalize(raw)
@@ -126,7 +154,9 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, 
         ).one()
         if status in (Status.CONFIRMED, Status.BOUNCED):
             return
-        conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(**seen))
+        pending = {"pending_at": seen["subscribed_at"], "pending_ip": seen["subscribed_ip"]}
+        pending["pending_user_agent"] = seen["subscribed_user_agent"]
+        conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(**pending))
     throttle = throttle_key(validated)
     if not _may_send_confirmation(conn, throttle):
         return
@@ -147,7 +177,20 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, 
     )
 
 
+def confirmable(subscriber: Subscriber, nonce: str) -> bool:
+    """Whether a confirmation link with NONCE may confirm SUBSCRIBER: only the newest link, only for a
+    sign-up still waiting (an unconfirmed reader, or one who left and signed up again)."""
+    waiting = subscriber.status in (Status.UNCONFIRMED, Status.UNSUBSCRIBED)
+    return waiting and subscriber.confirm_nonce is not None and subscriber.confirm_nonce == nonce
+
+
 def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester: Requester) -> None:
+    """The reader clicked the link: the pending sign-up, if any, becomes their consent record."""
+    if subscriber.pending_at is not None:
+        subscriber.subscribed_at, subscriber.subscribed_ip = subscriber.pending_at, subscriber.pending_ip
+        subscriber.subscribed_user_agent = subscriber.pending_user_agent
+        subscriber.unsubscribed_at = subscriber.unsubscribed_ip = subscriber.unsubscribed_user_agent = None
+        subscriber.pending_at = subscriber.pending_ip = subscriber.pending_user_agent = None
     subscriber.status = Status.CONFIRMED
     subscriber.confirm_nonce = None
     subscriber.confirmed_at = utcnow()

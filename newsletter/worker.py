@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from .mailer import MailerError
 from .outbox import OutboxReport, deliver_outbox
 from .runtime import Newsletter
 from .signups import forget_old, process_signups
-from .subscriptions import release_held
+from .subscriptions import forget_unconfirmed, release_held
 
 log = logging.getLogger(__name__)
 
 
-def work_once(nl: Newsletter) -> tuple[int, OutboxReport]:
+TIDY_EVERY = 3600.0
+
+
+def work_once(nl: Newsletter, tidy: bool = True) -> tuple[int, OutboxReport]:
     """Record the queued sign-ups and send what is due; returns (sign-ups recorded, outbox report).
 
-    Raises MailerError when the SMTP server cannot be used.
+    With TIDY, first forget the sign-ups [web] unconfirmed_days allows no longer. Raises MailerError when
+    the SMTP server cannot be used.
     """
+    if tidy:
+        forget_unconfirmed(nl)
     recorded = process_signups(nl)
     forget_old(nl)
     release_held(nl)
@@ -27,10 +34,13 @@ def work_once(nl: Newsletter) -> tuple[int, OutboxReport]:
 
 def run_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> None:
     """Work until STOP is set, backing off while the SMTP server is unreachable."""
-    wait = interval
+    wait, next_tidy = interval, 0.0
     while not stop.is_set():
         try:
-            recorded, report = work_once(nl)
+            tidy = time.monotonic() >= next_tidy
+            recorded, report = work_once(nl, tidy)
+            if tidy:
+                next_tidy = time.monotonic() + TIDY_EVERY
             if recorded or report.sent or report.failed or report.deferred:
                 log.info(
                     "%d sign-ups recorded; outbox: %d sent, %d deferred, %d failed",

@@ -279,6 +279,35 @@ def test_export_prints_every_subscriber_with_consent(site, run: Run) -> None:
     assert not pending["confirmed_at"] and not pending["unsubscribed_at"]
 
 
+def test_export_writes_no_formula_and_import_reads_it_back(nl, run: Run, tmp_path: Path) -> None:
+    """Cells a spreadsheet would run (OWASP CSV injection) get a leading quote; import takes it off again."""
+    addresses = ["=1+1@example.com", "-2+3@example.com", "+sum@example.com", "plain@example.com"]
+    for address in addresses:
+        run("subscribers", "add", "--confirmed", "--", address)
+    exported = ok(run("subscribers", "export"))
+    rows = list(csv.reader(io.StringIO(exported)))[1:]
+    assert [row[0] for row in rows] == ["'=1+1@example.com", "'-2+3@example.com", "'+sum@example.com", addresses[3]]
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for row in rows for cell in row)
+
+    for address in addresses:
+        run("subscribers", "remove", "--", address)
+    (tmp_path / "export.csv").write_text(exported, encoding="utf-8")
+    assert ok(run("subscribers", "import", str(tmp_path / "export.csv"))).startswith("imported 4, skipped 0")
+    assert listed(run) == addresses
+
+
+def test_import_refuses_an_ip_column_that_is_not_an_ip(nl, run: Run, tmp_path: Path) -> None:
+    (tmp_path / "readers.csv").write_text(
+        'email,subscribed_ip\nok@example.com,2001:db8::1\nbad@example.com,"=HYPERLINK(""https://x.example"")"\n'
+    )
+    lines = ok(run("subscribers", "import", str(tmp_path / "readers.csv"))).splitlines()
+    assert lines[0] == "imported 1, skipped 1"
+    assert (
+        "  line 3: 'bad@example.com': subscribed_ip '=HYPERLINK(\"https://x.example\")' is not an IP address" in lines
+    )
+    assert listed(run) == ["ok@example.com"]
+
+
 def test_export_round_trips_into_a_fresh_database(
     site,
     smtp,

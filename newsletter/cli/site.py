@@ -215,6 +215,9 @@ def stats(state: State) -> None:
     click.echo("subscribers: " + ", ".join(f"{found.subscribers[s]} {s.value}" for s in Status))
     click.echo(f"posts: {found.posts}, {found.posts_waiting} not yet announced")
     click.echo(f"sign-ups waiting for the worker: {found.signups_unrecorded}")
+    click.echo(
+        f"sign-ups waiting for confirmation: {found.unconfirmed} (forgotten after {found.unconfirmed_days} days)"
+    )
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(found.outbox_queued.items()))
     queued = sum(found.outbox_queued.values())
     click.echo(f"outbox: {queued} queued{f' ({kinds})' if kinds else ''}, {found.outbox_held} held")

@@ -44,9 +44,14 @@ def subscribers_list(state: State, status: str | None) -> None:
 @subscribers.command("add")
 @click.argument("email")
 @click.option("--confirmed", is_flag=True, help="Mark as confirmed (you have their consent) without an email.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --confirmed: confirm an address that unsubscribed or bounced (only when they asked you to).",
+)
 @pass_state
-def subscribers_add(state: State, email: str, confirmed: bool) -> None:
-    """Add a subscriber by hand.
+def subscribers_add(state: State, email: str, confirmed: bool, force: bool) -> None:
+    """Add a subscriber by hand. An address that unsubscribed or bounced is never confirmed again without --force.
 
     \b
     Example:
@@ -54,9 +59,11 @@ def subscribers_add(state: State, email: str, confirmed: bool) -> None:
       added reader@example.com (confirmed)
     """
     try:
-        address, status, created = roster.add_subscriber(state.newsletter(), email, confirmed)
+        address, status, created = roster.add_subscriber(state.newsletter(), email, confirmed, force)
     except InvalidAddress as exc:
         raise Failure(f"{email!r}: {exc}") from None
+    except roster.LeftTheList as exc:
+        raise Failure(str(exc)) from None
     click.echo(f"{'added' if created else 'already there:'} {address} ({status.value})")
 
 

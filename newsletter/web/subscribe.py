@@ -9,7 +9,7 @@ from flask import Blueprint, abort, render_template, request
 from werkzeug.exceptions import TooManyRequests
 
 from ..models import Status, Subscriber
-from ..subscriptions import InvalidAddress, confirm, normalize
+from ..subscriptions import InvalidAddress, confirm, confirmable, normalize
 from ..tokens import ExpiredToken, InvalidToken
 from .context import csrf, newsletter, rendered_pages, requester, session, signup_log
 from .pages import subscribe_form
@@ -95,7 +95,7 @@ def _confirmable(token: str) -> tuple[Subscriber | None, str | None]:
         return None, "invalid"
     if subscriber.status == Status.CONFIRMED:
         return subscriber, None
-    if subscriber.status != Status.UNCONFIRMED or subscriber.confirm_nonce != claim.nonce:
+    if not confirmable(subscriber, claim.nonce):
         return None, "replaced"
     return subscriber, None
 
