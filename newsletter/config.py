@@ -17,10 +17,11 @@ from email_validator import EmailNotValidError, validate_email
 from limits import parse_many
 
 from .mailer import SECURITY_MODES
-from .text import has_controls
+from .text import has_controls, hide_password
 
 DEFAULT_PATH = "config.toml"
 ENV_PREFIX = "NEWSLETTER_"
+MIN_SECRET_KEY = 32
 
 
 class ConfigError(Exception):
@@ -199,6 +200,12 @@ def _validated(config: Config) -> Config:
             f"{where}: [security] secret_key is empty; set it to a long random string, e.g. the "
             'output of: python -c "import secrets; print(secrets.token_urlsafe(48))"'
         )
+    if len(config.security.secret_key) < MIN_SECRET_KEY and not config.demo:
+        raise ConfigError(
+            f"{where}: [security] secret_key is {len(config.security.secret_key)} characters, too short to keep "
+            f"links from being forged; use at least {MIN_SECRET_KEY}, e.g. the output of: "
+            'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+        )
     url = urlsplit(config.site.base_url)
     if (
         url.scheme not in ("http", "https")
@@ -237,6 +244,7 @@ def _validated(config: Config) -> Config:
         ) from None
     if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
         raise ConfigError(
-            f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, not {config.database.url!r}"
+            f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, "
+            f"not {hide_password(config.database.url)!r}"
         )
     return config

@@ -44,6 +44,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from .config import ConfigError
 from .resources import resource_dir
+from .text import hide_password
 
 Ts = TypeVarTuple("Ts")
 
@@ -68,7 +69,7 @@ def make_engine(url: str) -> Engine:
             return engine
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     except (ArgumentError, ImportError) as exc:
-        raise ConfigError(f"[database] url {url!r} cannot be used: {exc}") from None
+        raise ConfigError(hide_password(f"[database] url {url!r} cannot be used: {exc}")) from None
 
 
 def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> None:
@@ -314,7 +315,7 @@ def current_revision(engine: Engine) -> str | None:
     except SQLAlchemyError as exc:
         raise DatabaseError(
             f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
-            f"{_first_line(exc)}; check [database] url"
+            f"{hide_password(_first_line(exc))}; check [database] url"
         ) from None
 
 

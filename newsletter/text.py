@@ -6,6 +6,7 @@ import re
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 MAX_SUBJECT = 200
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]*@")
 
 
 def has_controls(value: str) -> bool:
@@ -21,6 +22,11 @@ def header_text(value: str, limit: int = MAX_SUBJECT) -> str:
     text = CONTROL.sub(" ", value).replace("=?", "= ?")
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def hide_password(text: str) -> str:
+    """TEXT with the password of every URL in it (scheme://user:password@host) shown as ***."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def clean_field(value: str | None, length: int) -> str | None:

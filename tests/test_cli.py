@@ -601,7 +601,7 @@ name = "Harbour Notes"
 base_url = "https://news.example.com"
 
 [security]
-secret_key = "installed-copy-secret"
+secret_key = "installed-copy-secret-of-32-characters"
 
 [database]
 url = "sqlite:///{home / "newsletter.db"}"

@@ -40,7 +40,10 @@ def config_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def settings(
-    tmp_path: Path, smtp_port: int | None = None, database: Path | None = None, secret: str | None = "s3cret-for-tests"
+    tmp_path: Path,
+    smtp_port: int | None = None,
+    database: Path | None = None,
+    secret: str | None = "s3cret-for-tests-of-at-least-32-chars",
 ) -> str:
     """A valid configuration file's text for this test's folder."""
     secret_line = f'secret_key = "{secret}"' if secret is not None else ""
@@ -235,6 +238,8 @@ def test_misspelt_environment_variable_is_named(tmp_path: Path) -> None:
 
 def test_example_config_works_with_only_the_secret_key_set(tmp_path: Path) -> None:
     shutil.copy(ROOT / "config.example.toml", tmp_path / "config.toml")
-    result = newsletter("db", "upgrade", env={"NEWSLETTER_SECURITY__SECRET_KEY": "s3cret-for-tests"}, cwd=tmp_path)
+    result = newsletter(
+        "db", "upgrade", env={"NEWSLETTER_SECURITY__SECRET_KEY": "s3cret-for-tests-of-at-least-32-chars"}, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "database upgraded" in result.stdout and (tmp_path / "newsletter.db").is_file()

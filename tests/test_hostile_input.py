@@ -1459,7 +1459,7 @@ def config_files(draw: st.DrawFn, database_url: str) -> bytes:
     kind = draw(st.sampled_from(["toml", "toml", "toml", "bytes", "spliced"]))
     if kind == "bytes":
         return draw(st.one_of(st.binary(max_size=500), st.just(b"\xff\xfe[site]\n"), st.just(b"[site\n")))
-    tables: dict[str, dict[str, object]] = {"security": {"secret_key": "s3cret"}}
+    tables: dict[str, dict[str, object]] = {"security": {"secret_key": "s3cret-" * 6}}
     for section in draw(st.lists(st.sampled_from(sorted(CONFIG_KEYS)), max_size=4)):
         for key in draw(st.lists(st.sampled_from(CONFIG_KEYS[section]), max_size=3)):
             tables.setdefault(section, {})[key] = draw(CONFIG_VALUES)

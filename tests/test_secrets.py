@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import requests
 
 from newsletter.config import load_config
@@ -28,13 +29,13 @@ def test_links_signed_with_the_old_key_work_until_it_is_removed(site, smtp, conf
     unsubscribe = site.nl.unsubscribe_url(1)
     old_key = site.nl.config.security.secret_key
 
-    rotate(config_file, "a-brand-new-secret-key", [old_key])
+    rotate(config_file, "a-brand-new-secret-key-of-32-characters", [old_key])
     rotated = create_app(load_config(config_file)).test_client()
     path = unsubscribe.replace(site.nl.config.base_url, "")
     assert rotated.get(path).status_code == 200
     assert rotated.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
 
-    rotate(config_file, "a-brand-new-secret-key", [])
+    rotate(config_file, "a-brand-new-secret-key-of-32-characters", [])
     retired = create_app(load_config(config_file)).test_client()
     assert retired.get(path).status_code == 400
     new_link = retired.application.extensions["newsletter"].unsubscribe_url(1)
@@ -53,6 +54,37 @@ def test_serve_refuses_to_start_without_a_secret_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "[security] secret_key is empty" in result.stderr
+
+
+def newsletter(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["newsletter", "--config", str(config), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_a_short_secret_key_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[security]\nsecret_key = "hunter2hunter2"\n[database]\nurl = "sqlite:///{tmp_path / "n.db"}"\n')
+    for command in (["serve", "--port", str(free_port())], ["send"], ["db", "upgrade"]):
+        result = newsletter(config, *command)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and "secret_key is 14 characters" in result.stderr
+        assert "at least 32" in result.stderr and "secrets.token_urlsafe(48)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://news:hunter2-pass@127.0.0.1:{port}/news",  # nobody listens there
+        "mysql://news:hunter2-pass@127.0.0.1/news",  # not a database we support
+        "postgresql+nosuchdriver://news:hunter2-pass@127.0.0.1/news",  # no such driver
+    ],
+)
+def test_a_database_password_never_appears_in_a_message(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "config.toml"
+    secret = "s3cret-" * 6
+    config.write_text(f'[security]\nsecret_key = "{secret}"\n[database]\nurl = "{url.format(port=free_port())}"\n')
+    result = newsletter(config, "db", "upgrade")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "hunter2" not in result.stderr and "news:***@127.0.0.1" in result.stderr
 
 
 def test_serve_warns_when_links_would_not_be_https(run, config_file: Path) -> None:
