@@ -42,6 +42,7 @@ class SendReport:
     resent: int = 0
     quota_reached: bool = False
     error: str | None = None
+    stopped_by: KeyboardInterrupt | None = None  # Ctrl-C or a stop signal: batches in flight were recorded
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -55,6 +56,8 @@ class SendReport:
             line += "; stopped at [smtp] max_per_day: the next run continues"
         if self.error:
             line += f"; stopped: {self.error}"
+        if self.stopped_by is not None:
+            line += "; interrupted: what was sent is recorded, run `newsletter send` again to finish"
         return line
 
     def add_failure(self, text: str) -> None:
@@ -163,7 +166,7 @@ def send(
         if on_post:
             on_post(post, _count(nl, post, DeliveryStatus.PENDING))
         _PostSender(nl, sender_id, post, template, report, progress, quota, pace).run()
-        if report.error or report.quota_reached:
+        if report.error or report.quota_reached or report.stopped_by:
             break
         if not _count(nl, post, DeliveryStatus.PENDING, DeliveryStatus.SENDING):
             with nl.sessions.begin() as session:
@@ -253,21 +256,27 @@ class _PostSender:
         self.stop = threading.Event()
 
     def run(self) -> None:
-        """One pass over the pending rows, then bounded retry passes for what came back to the queue."""
+        """One pass over the pending rows, then bounded retry passes for what came back to the queue.
+
+        Ctrl-C or a stop signal (KeyboardInterrupt in this thread) stops the claiming of new batches; the
+        batches on the wire are finished and recorded, and report.stopped_by says so.
+        """
         for delay in (timedelta(0), *RETRY_PASSES_AFTER):
-            time.sleep(delay.total_seconds())
-            self.cursor, self.requeued = 0, 0
-            threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.nl.config.smtp.connections)]
-            for thread in threads:
-                thread.start()
+            started: list[threading.Thread] = []
             try:
-                for thread in threads:
+                time.sleep(delay.total_seconds())
+                self.cursor, self.requeued = 0, 0
+                for _ in range(self.nl.config.smtp.connections):
+                    started.append(threading.Thread(target=self._work, daemon=True))
+                    started[-1].start()
+                for thread in started:
                     thread.join()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as interrupt:  # each connection finishes its batch and records it
                 self.stop.set()
-                for thread in threads:
+                for thread in started:
                     thread.join()
-                raise
+                self.report.stopped_by = interrupt
+                break
             if self.quota.left == 0 and _count(self.nl, self.post, DeliveryStatus.PENDING):
                 self.report.quota_reached = True
             if self.report.error or self.report.quota_reached or not self.requeued:

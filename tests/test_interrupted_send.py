@@ -86,16 +86,24 @@ def _send_process(config_file: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_ctrl_c_midway_then_rerun_sends_everyone_exactly_once(readers, run, config_file, smtp_port) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopped_midway_then_rerun_sends_everyone_exactly_once(
+    readers, run, config_file, smtp_port, stop: signal.Signals
+) -> None:
+    """Ctrl-C, and SIGTERM as systemd, docker stop and timeout send it: the batches on the wire are finished
+    and recorded, the summary is printed, and the exit status is 128 + the signal."""
     sink = Slow()
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     try:
         process = _send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=20)
-        assert process.returncode != 0
+        process.send_signal(stop)
+        output, _ = process.communicate(timeout=20)
+        assert process.returncode == 128 + stop, output
+        assert "interrupted: what was sent is recorded" in output and "Traceback" not in output
+        sent = int(output.split(" sent,")[0].split()[-1])
+        assert sent == len(sink.messages)  # every message that went out was recorded as sent
         interrupted_at = len(sink.messages)
         assert interrupted_at < len(readers)
         rerun = run("send")

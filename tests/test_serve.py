@@ -119,6 +119,21 @@ def test_ctrl_c_or_sigterm_stops_every_process(server, how: signal.Signals) -> N
     assert not answering(port)
 
 
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_the_worker_stops_cleanly_on_ctrl_c_or_sigterm(site, smtp, config_file: Path, how: signal.Signals) -> None:
+    worker = subprocess.Popen(
+        ["newsletter", "--config", str(config_file), "worker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    site.subscribe("reader@example.com")
+    wait_for(lambda: smtp.to("reader@example.com"), timeout=20)  # the worker is up and working
+    worker.send_signal(how)
+    output, _ = worker.communicate(timeout=20)
+    assert worker.returncode == 0 and "Traceback" not in output, output
+
+
 def test_old_processed_signups_are_forgotten_but_new_ones_never(site, nl, run) -> None:
     for i in range(3):
         assert site.subscribe(f"reader{i}@example.com").status_code == 200

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
+from types import FrameType
 
 import click
 
@@ -45,6 +48,19 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, docker stop, timeout): every command stops on it as it does on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def stop_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the command: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
@@ -67,6 +83,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
       Announce new posts:     newsletter send
     """
     ctx.obj = State(config_path)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -76,6 +94,6 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 def main() -> None:
     try:
         cli(prog_name="newsletter")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(stop_exit_code(interrupt))

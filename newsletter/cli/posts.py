@@ -15,7 +15,7 @@ from ..mailer import MailerError, Outcome
 from ..models import Post
 from ..runtime import Newsletter
 from ..subscriptions import InvalidAddress, normalize
-from .base import Failure, State, pass_state
+from .base import Failure, State, pass_state, stop_exit_code
 
 
 @click.group()
@@ -134,11 +134,15 @@ def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None, re
             report = _send_with_progress(nl, sender_id)
     except db.SenderBusy as exc:
         raise Failure(str(exc)) from None
-    except KeyboardInterrupt:
-        raise Failure("interrupted; what was sent is recorded: run `newsletter send` again to finish", 130) from None
+    except KeyboardInterrupt as interrupt:
+        raise Failure(
+            "interrupted; what was sent is recorded: run `newsletter send` again to finish", stop_exit_code(interrupt)
+        ) from None
     for failure in report.failures:
         click.echo(f"failed: {failure}", err=True)
     click.echo(report.summary())
+    if report.stopped_by is not None:
+        sys.exit(stop_exit_code(report.stopped_by))
     if report.error:
         sys.exit(1)
 

@@ -122,14 +122,17 @@ def _run_site(
     )
     if before:
         before()
-    serve_site(
-        app,
-        sock,
-        processes,
-        threads,
-        background=(lambda stop: run_worker(nl, stop)) if worker else None,
-        after_fork=lambda: nl.engine.dispose(close=False),
-    )
+    try:
+        serve_site(
+            app,
+            sock,
+            processes,
+            threads,
+            background=(lambda stop: run_worker(nl, stop)) if worker else None,
+            after_fork=lambda: nl.engine.dispose(close=False),
+        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM in the single-process server: requests already answered are kept
+        pass
 
 
 @click.command()
