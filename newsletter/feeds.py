@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import logging
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session
 from .models import Post, utcnow
 from .sanitize import clean_html
 from .text import header_text, strip_controls
+
+log = logging.getLogger(__name__)
 
 MAX_FEED_BYTES = 20 * 1024 * 1024
 
@@ -51,6 +54,10 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
         url = urljoin(base, link) if link else ""
         guid = strip_controls(item.get("id") or "") or url
         if not guid or not url:
+            continue
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            name = header_text(item.get("title") or "", 200) or guid[:200]
+            log.warning("feed entry %r skipped: its link %r is not an http(s) URL", name, url[:200])
             continue
         entries.append(
             Entry(

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from .config import Config
 from .text import header_text
 
-UNSUBSCRIBE_PLACEHOLDER = "@@unsubscribe-url@@"
 ENCODED_WORD_BYTES = 45  # base64 of 45 bytes is 60 characters: "=?utf-8?b?" + 60 + "?=" is 72
 
 Render = Callable[..., str]
@@ -80,8 +79,14 @@ def _header(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("ascii")
 
 
-def _qp_lines(text: str) -> list[tuple[bool, bytes | str]]:
-    """TEXT's lines quoted-printable encoded, except those holding the unsubscribe placeholder.
+def unsubscribe_placeholder() -> str:
+    """Where a template's unsubscribe link goes until each recipient's is filled in: new and random for each
+    post, so no text in a post can know it and have a reader's link put in its place."""
+    return f"@@unsubscribe-{secrets.token_hex(16)}@@"
+
+
+def _qp_lines(text: str, placeholder: str) -> list[tuple[bool, bytes | str]]:
+    """TEXT's lines quoted-printable encoded, except those holding PLACEHOLDER (when not empty).
 
     Quoted-printable works line by line, so a body is encoded once per post and only the lines with a
     per-recipient link are encoded again for each message.
@@ -91,7 +96,7 @@ def _qp_lines(text: str) -> list[tuple[bool, bytes | str]]:
         lines.pop()
     parts: list[tuple[bool, bytes | str]] = []
     for line in lines:
-        if UNSUBSCRIBE_PLACEHOLDER in line:
+        if placeholder and placeholder in line:
             parts.append((True, line))
         elif parts and not parts[-1][0]:
             parts[-1] = (False, cast(bytes, parts[-1][1]) + _qp_line(line))
@@ -104,12 +109,10 @@ def _qp_line(line: str) -> bytes:
     return binascii.b2a_qp(line.encode("utf-8") + b"\r\n", istext=True)
 
 
-def _fill(parts: list[tuple[bool, bytes | str]], unsubscribe_url: str | None) -> bytes:
+def _fill(parts: list[tuple[bool, bytes | str]], placeholder: str, unsubscribe_url: str | None) -> bytes:
     # A part is the line itself (str) exactly when it is per-recipient, else its encoding (bytes): see _qp_lines.
     return b"".join(
-        _qp_line(cast(str, part).replace(UNSUBSCRIBE_PLACEHOLDER, unsubscribe_url or ""))
-        if per_recipient
-        else cast(bytes, part)
+        _qp_line(cast(str, part).replace(placeholder, unsubscribe_url or "")) if per_recipient else cast(bytes, part)
         for per_recipient, part in parts
     )
 
@@ -124,6 +127,7 @@ class MessageTemplate:
     text: list[tuple[bool, bytes | str]]
     html: list[tuple[bool, bytes | str]]
     boundary: str
+    placeholder: str
 
     def render(self, recipient: str, message_id: str, unsubscribe_url: str | None = None) -> bytes:
         head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
@@ -142,11 +146,11 @@ class MessageTemplate:
                 b"--",
                 b,
                 b'\r\nContent-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
-                _fill(self.text, unsubscribe_url),
+                _fill(self.text, self.placeholder, unsubscribe_url),
                 b"--",
                 b,
                 b'\r\nContent-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
-                _fill(self.html, unsubscribe_url),
+                _fill(self.html, self.placeholder, unsubscribe_url),
                 b"--",
                 b,
                 b"--\r\n",
@@ -157,7 +161,10 @@ class MessageTemplate:
         return make_msgid(domain=self.domain)
 
 
-def message_template(config: Config, subject: str, text: str, html: str, extra_headers: bytes = b"") -> MessageTemplate:
+def message_template(
+    config: Config, subject: str, text: str, html: str, extra_headers: bytes = b"", placeholder: str = ""
+) -> MessageTemplate:
+    """An email with its bodies encoded; PLACEHOLDER marks where each recipient's unsubscribe link goes."""
     sender = config.from_address
     sender_name = f"{_phrase(sender.display_name)} " if sender.display_name else ""
     head = b"".join(
@@ -172,21 +179,24 @@ def message_template(config: Config, subject: str, text: str, html: str, extra_h
         sender=sender.addr_spec,
         domain=sender.domain,
         head=head + extra_headers,
-        text=_qp_lines(text),
-        html=_qp_lines(html),
+        text=_qp_lines(text, placeholder),
+        html=_qp_lines(html, placeholder),
         boundary="=_" + secrets.token_hex(12),
+        placeholder=placeholder,
     )
 
 
 def notification_template(config: Config, render: Render, post: PostLike) -> MessageTemplate:
     """The new-post email for every recipient; fill in with render(to, message_id, unsubscribe_url)."""
-    context = {"post": post, "unsubscribe_url": UNSUBSCRIBE_PLACEHOLDER}
+    placeholder = unsubscribe_placeholder()
+    context = {"post": post, "unsubscribe_url": placeholder}
     return message_template(
         config,
         post.title,
         render("email/notification.txt", **context),
         render("email/notification.html", **context),
         _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
+        placeholder,
     )
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 import click
 import pytest
@@ -501,6 +502,24 @@ def test_atom_feed_with_umlauts_and_a_relative_link(nl, smtp, run: Run, config_f
     assert "https://werkstatt.example/2025/01/schwalbenschwanz/" in note.text
     assert 'href="https://werkstatt.example/2025/01/schwalbenschwanz/"' in note.html
     assert "Schwalbenschwanz &amp; Geduld: die Übung</a>" in note.html
+
+
+@pytest.mark.parametrize("link", ["javascript:alert(1)", "data:text/html,<b>hi</b>", "file:///etc/passwd"])
+def test_a_feed_entry_whose_link_is_not_http_is_skipped(
+    nl, smtp, run: Run, feed: Path, link: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    run("posts", "fetch")
+    run("subscribers", "add", "ada@example.com", "--confirmed")
+    publish(feed, "Fine post", "fine")
+    text = feed.read_text(encoding="utf-8")
+    item = f"<item><title>Bad link</title><link>{xml_escape(link)}</link><guid>bad-1</guid></item>\n\t<item>"
+    feed.write_text(text.replace("<item>", item, 1), encoding="utf-8")
+
+    assert "1 sent" in ok(run("send"))
+    assert "Bad link" not in ok(run("posts", "list"))
+    assert [m.message["Subject"] for m in smtp.messages] == ["Fine post"]
+    assert "feed entry 'Bad link' skipped: its link '" + link.split(":")[0] in caplog.text
+    assert "is not an http(s) URL" in caplog.text
 
 
 def test_scripts_and_handlers_in_a_feed_never_reach_the_email(nl, smtp, run: Run, feed: Path) -> None:

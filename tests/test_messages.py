@@ -547,6 +547,22 @@ def test_title_is_escaped_in_html_and_literal_in_text_web8(smtp, run) -> None:
     assert re.findall(r"<[^>]*>", note.text) == ["<script>", "</script>"]  # only the title's own characters
 
 
+def test_post_text_cannot_pull_in_a_readers_unsubscribe_link(smtp, run) -> None:
+    """Text that looks like the engine's per-recipient placeholder stays text: no post can make one reader's
+    email carry a link, and each reader's link appears only where the template puts it."""
+    bait = "@@unsubscribe-url@@ @@unsubscribe-0123456789abcdef0123456789abcdef@@"
+    for address in ("ann@example.com", "bob@example.com"):
+        run("subscribers", "add", address, "--confirmed")
+    summary = f"Copy this: {bait}"
+    run("posts", "add", "--title", f"Bait {bait}", "--url", "https://harbour-notes.example/bait/", "--summary", summary)
+    assert run("send", "--no-fetch").exit_code == 0
+    for note in smtp.messages:
+        own = note.message["List-Unsubscribe"].strip("<>")
+        assert bait in note.text and bait in note.html
+        assert note.text.count("/unsubscribe/") == note.text.count(own) == 1
+        assert note.html.count("/unsubscribe/") == note.html.count(own) == 1
+
+
 def test_every_email_html_template_is_autoescaped_web8(app) -> None:
     """WEB-8: each templates/email/*.html is rendered with autoescape on by the app's Jinja environment."""
     names = [n for n in app.jinja_env.list_templates() if n.startswith("email/") and n.endswith(".html")]
