@@ -29,10 +29,12 @@ on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,7 @@ function init(args)
   prefix = args[1] or "run"
   run = tonumber(args[2] or "0")
   clients = args[3] == "clients"
+  stamp = args[4] or ""
 end
 
 function request()
@@ -66,7 +69,7 @@ function request()
     headers["X-Forwarded-For"] = string.format("10.%d.%d.%d", (run * 4 + tid) % 256, math.floor(counter / 250) % 256,
                                                counter % 250 + 1)
   end
-  local body = "email=" .. prefix .. "-t" .. tid .. "-" .. counter .. "%40example.com"
+  local body = "email=" .. prefix .. "-t" .. tid .. "-" .. counter .. "%40example.com&website=&started=" .. stamp
   return wrk.format("POST", nil, headers, body)
 end
 
@@ -158,6 +161,7 @@ def run_wrk(
     run: int,
     mode: str,
     target: str,
+    stamp: str = "",
 ) -> WrkResult:
     command = [
         wrk,
@@ -173,6 +177,7 @@ def run_wrk(
         prefix,
         str(run),
         mode,
+        stamp,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
@@ -338,6 +343,16 @@ def main() -> int:
         benchkit.cleanup()
 
 
+def form_stamp(port: int) -> str:
+    """The signed timestamp of the subscribe page, old enough for [web] min_fill_seconds (default 2): every
+    request of a run sends it, as a reader who opened the page and typed would."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+        found = re.search(r'name="started" value="([^"]+)"', page.read().decode())
+    assert found, "the subscribe page has no form timestamp"
+    time.sleep(2.5)
+    return found.group(1)
+
+
 def run(args: argparse.Namespace) -> int:
     wrk = benchkit.need_tool("wrk", "wrk", "HTTP load generator")
     pyspy = benchkit.find_pyspy() if args.profile else None
@@ -387,9 +402,10 @@ def run(args: argparse.Namespace) -> int:
             )  # type: ignore[union-attr]
             site = Site(cmd, folder, name, url, mode, args)
             subscribe_url = f"http://127.0.0.1:{site.port}/subscribe"
+            stamp = form_stamp(site.port)
             if args.warmup > 0:
                 log(f"{name}: warm-up of POST /subscribe: {args.warmup:g} s")
-                run_wrk(wrk, script, subscribe_url, args, args.warmup, "warmup", 0, mode, "subscribe")
+                run_wrk(wrk, script, subscribe_url, args, args.warmup, "warmup", 0, mode, "subscribe", stamp)
             subscribe_runs: list[WrkResult] = []
             ping_runs: list[WrkResult] = []
             for repeat in range(1, args.repeat + 1):
@@ -421,7 +437,9 @@ def run(args: argparse.Namespace) -> int:
                     )
                 log(f"{name}: run {repeat}: wrk POST /subscribe for {args.duration:g} s")
                 subscribe_runs.append(
-                    run_wrk(wrk, script, subscribe_url, args, args.duration, prefix, repeat, mode, "POST /subscribe")
+                    run_wrk(
+                        wrk, script, subscribe_url, args, args.duration, prefix, repeat, mode, "POST /subscribe", stamp
+                    )
                 )
                 if sampler is not None:
                     try:

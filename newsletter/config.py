@@ -70,6 +70,7 @@ class WebConfig:
     embed_origins: list[str] = field(default_factory=list)
     min_fill_seconds: int = 2
     signup_ceiling: int = 100
+    network_ceiling: int = 20
     unconfirmed_days: int = 30
 
 

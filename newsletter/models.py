@@ -173,12 +173,16 @@ class Signup(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(320))
     ip: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str | None] = mapped_column(String(64))  # what [web] rate_limit counts
+    network: Mapped[str | None] = mapped_column(String(64))  # what the sign-up ceilings count
     user_agent: Mapped[str | None] = mapped_column(String(512))
     received_at: Mapped[float] = mapped_column(Float)
     processed_at: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
-        Index("ix_signups_ip_received_at", "ip", "received_at"),
+        Index("ix_signups_client_received_at", "client", "received_at"),
+        Index("ix_signups_network_received_at", "network", "received_at"),
+        Index("ix_signups_received_at", "received_at"),
         Index(
             "ix_signups_unprocessed",
             "id",

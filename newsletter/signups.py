@@ -12,7 +12,7 @@ from sqlalchemy import Engine, Float, String, bindparam, delete, insert, select,
 
 from . import db
 from .models import SIGNUPS
-from .ratelimit import SignupLimit
+from .ratelimit import CEILING_WINDOW, SignupLimit, client_of, network_of
 from .runtime import Newsletter
 from .subscriptions import InvalidAddress, Requester, subscribe
 from .text import clean_field
@@ -29,13 +29,13 @@ class SignupLog:
         values = select(
             bindparam("email", type_=String()),
             bindparam("ip", type_=String()),
+            bindparam("client", type_=String()),
+            bindparam("network", type_=String()),
             bindparam("user_agent", type_=String()),
             bindparam("now", type_=Float()),
         )
-        self._add = db.DriverStatement(
-            engine,
-            insert(SIGNUPS).from_select(["email", "ip", "user_agent", "received_at"], values.where(limit.admits())),
-        )
+        columns = ["email", "ip", "client", "network", "user_agent", "received_at"]
+        self._add = db.DriverStatement(engine, insert(SIGNUPS).from_select(columns, values.where(limit.admits())))
 
     def add(self, address: str, requester: Requester) -> float | None:
         """Add a sign-up for an address that passed subscriptions.normalize, within [web] rate_limit.
@@ -44,11 +44,12 @@ class SignupLog:
         client may sign up again.
         """
         ip, now = clean_field(requester.ip, 64) or "", time.time()
-        values = {"email": address, "ip": ip, "now": now, "user_agent": clean_field(requester.user_agent, 512)}
-        if self._writes.execute(self._add, **values):
+        client, user_agent = client_of(ip), clean_field(requester.user_agent, 512)
+        values = {"email": address, "ip": ip, "client": client, "network": network_of(ip), "user_agent": user_agent}
+        if self._writes.execute(self._add, now=now, **values):
             return None
         with self.engine.connect() as conn:
-            return self.limit.wait(conn, ip, now)
+            return self.limit.wait(conn, client, now)
 
 
 def process_signups(nl: Newsletter) -> int:
@@ -73,6 +74,7 @@ def process_signups(nl: Newsletter) -> int:
                     signup.email,
                     Requester(signup.ip or None, signup.user_agent),
                     at=datetime.fromtimestamp(signup.received_at, UTC),
+                    network=signup.network,
                 )
             except InvalidAddress as exc:
                 log.warning("sign-up %d dropped: %s", signup.id, exc)
@@ -81,11 +83,9 @@ def process_signups(nl: Newsletter) -> int:
 
 
 def forget_old(nl: Newsletter) -> None:
-    """Delete processed sign-ups that [web] rate_limit no longer looks back at."""
+    """Delete processed sign-ups that neither [web] rate_limit nor the sign-up ceilings look back at."""
+    keep = max(SignupLimit(nl.config.web.rate_limit).longest, CEILING_WINDOW)
     with nl.engine.begin() as conn:
         conn.execute(
-            delete(SIGNUPS).where(
-                SIGNUPS.c.processed_at.is_not(None),
-                SIGNUPS.c.received_at < time.time() - SignupLimit(nl.config.web.rate_limit).longest,
-            )
+            delete(SIGNUPS).where(SIGNUPS.c.processed_at.is_not(None), SIGNUPS.c.received_at < time.time() - keep)
         )

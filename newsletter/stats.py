@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, or_, select
 
 from .models import OutboxMessage, Post, Signup, Status, Subscriber
 from .runtime import Newsletter
-from .subscriptions import signups_in_last_hour
+from .subscriptions import ceiling
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,13 @@ class Stats:
     outbox_held: int
     signups_last_hour: int
     signup_ceiling: int
+    network_ceiling: int
+    flooded: bool  # some network, or the whole form, is over its ceiling
 
     @property
     def holding(self) -> bool:
         """Whether confirmation emails are being held because of a flood of sign-ups."""
-        return self.signups_last_hour > self.signup_ceiling or self.outbox_held > 0
+        return self.flooded or self.outbox_held > 0
 
 
 def collect(nl: Newsletter) -> Stats:
@@ -36,7 +39,9 @@ def collect(nl: Newsletter) -> Stats:
         .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None), OutboxMessage.held.is_(False))
         .group_by(OutboxMessage.kind)
     )
+    limits, now = ceiling(nl), time.time()
     with nl.sessions() as session:
+        conn = session.connection()
         counts = dict(session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status)).all())
         return Stats(
             subscribers={status: counts.get(status, 0) for status in Status},
@@ -59,6 +64,8 @@ def collect(nl: Newsletter) -> Stats:
                 select(func.count()).select_from(OutboxMessage).where(OutboxMessage.held.is_(True))
             )
             or 0,
-            signups_last_hour=signups_in_last_hour(session),
-            signup_ceiling=nl.config.web.signup_ceiling,
+            signups_last_hour=limits.recent(conn, now),
+            signup_ceiling=limits.total,
+            network_ceiling=limits.per_network,
+            flooded=limits.flooded(conn, now),
         )

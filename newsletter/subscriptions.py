@@ -5,16 +5,18 @@ The owner's side (add, remove, import, export) is in roster.py."""
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import db
 from .messages import single_message
 from .models import CONFIRMATIONS, OUTBOX, SUBSCRIBERS, Status, Subscriber, utcnow
+from .ratelimit import SignupCeiling, network_of
 from .runtime import Newsletter
 from .text import clean_field
 
@@ -55,10 +57,17 @@ def email_key(validated: ValidatedEmail) -> str:
     return validated.normalized.lower()
 
 
+GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
+
+
 def throttle_key(validated: ValidatedEmail) -> str:
-    """The address as bombers vary it: case and +tags folded together. Used only for counting."""
+    """The mailbox an address reaches, however a bomber spells it: case and +tags folded together, and for
+    Gmail the dots and the googlemail.com alias too. Used only for counting."""
     local = validated.local_part.split("+", 1)[0].lower()
-    return f"{local}@{(validated.ascii_domain or validated.domain).lower()}"
+    domain = (validated.ascii_domain or validated.domain).lower()
+    if domain in GMAIL_DOMAINS:
+        local, domain = local.replace(".", ""), GMAIL_DOMAINS[0]
+    return f"{local}@{domain}"
 
 
 def _may_send_confirmation(conn: Connection, key: str) -> bool:
@@ -71,20 +80,6 @@ def _may_send_confirmation(conn: Connection, key: str) -> bool:
         )
     ).all()
     return len(recent) < CONFIRMATIONS_PER_DAY and all(now - sent >= CONFIRM_RESEND_INTERVAL for sent in recent)
-
-
-def signups_in_last_hour(conn: Session | Connection, at_most: int | None = None) -> int:
-    """Unconfirmed sign-ups of the last hour, counted up to AT_MOST when given."""
-    since = utcnow() - timedelta(hours=1)
-    recent = select(SUBSCRIBERS.c.id).where(
-        or_(
-            and_(SUBSCRIBERS.c.status == Status.UNCONFIRMED, SUBSCRIBERS.c.subscribed_at > since),
-            SUBSCRIBERS.c.pending_at > since,
-        )
-    )
-    if at_most is not None:
-        recent = recent.limit(at_most)
-    return conn.scalar(select(func.count()).select_from(recent.subquery())) or 0
 
 
 def forget_unconfirmed(nl: Newsletter) -> int:
@@ -109,22 +104,35 @@ def forget_unconfirmed(nl: Newsletter) -> int:
     return forgotten
 
 
+def ceiling(nl: Newsletter) -> SignupCeiling:
+    return SignupCeiling(nl.config.web.signup_ceiling, nl.config.web.network_ceiling)
+
+
 def release_held(nl: Newsletter) -> int:
-    """Let held confirmation emails go once sign-ups are back under [web] signup_ceiling an hour."""
+    """Let held confirmation emails go once no network, and not the whole form, is over its ceiling."""
     with nl.engine.begin() as conn:
-        if signups_in_last_hour(conn) > nl.config.web.signup_ceiling:
+        if ceiling(nl).flooded(conn, time.time()):
             return 0
         return conn.execute(update(OUTBOX).where(OUTBOX.c.held.is_(True)).values(held=False)).rowcount
 
 
-def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, at: datetime | None = None) -> None:
-    """Record a sign-up made AT (default now) and queue a confirmation email, within the per-address limits.
+def subscribe(
+    session: Session,
+    nl: Newsletter,
+    raw: str,
+    requester: Requester,
+    at: datetime | None = None,
+    network: str | None = None,
+) -> None:
+    """Record a sign-up made AT (default now) from NETWORK (default: the requester's) and queue a
+    confirmation email, within the per-address limits.
 
     An address already on the list keeps its status and consent record: the sign-up waits in pending_*
-    until its confirmation is clicked, so nobody can re-subscribe a reader who left. When more sign-ups
-    than [web] signup_ceiling arrived in the last hour, the email is stored but held until the rate falls
-    again (a bot submitting many strangers' addresses cannot flood them).
-    Core statements on the session's connection: the worker runs this for every sign-up.
+    until its confirmation is clicked, so nobody can re-subscribe a reader who left. During a flood
+    (ratelimit.SignupCeiling) the email is stored but held until the rate falls again, so a bot submitting
+    many strangers' addresses cannot flood them.
+    Core statements on the session's connection: the worker runs this for every sign-up, once it is in
+    the sign-up log.
     """
     validated = normalize(raw)
     conn = session.connection()
@@ -163,7 +171,8 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, 
     nonce = secrets.token_urlsafe(12)
     conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(confirm_nonce=nonce))
     conn.execute(insert(CONFIRMATIONS).values(throttle_key=throttle, subscriber_id=subscriber_id, sent_at=now))
-    ceiling = nl.config.web.signup_ceiling
+    if network is None:
+        network = network_of(requester.ip or "")
     queue_email(
         conn,
         nl,
@@ -171,7 +180,7 @@ def subscribe(session: Session, nl: Newsletter, raw: str, requester: Requester, 
         validated.ascii_email or validated.normalized,
         "confirmation",
         f"Confirm your subscription to {nl.config.site.name}",
-        held=signups_in_last_hour(conn, at_most=ceiling + 1) > ceiling,
+        held=ceiling(nl).holds(conn, network, (at or now).timestamp()),
         confirm_url=nl.confirm_url(subscriber_id, nonce),
         max_age_hours=nl.config.security.confirm_max_age_hours,
     )

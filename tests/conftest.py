@@ -20,6 +20,7 @@ import requests
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner, Result
 from flask import Flask
+from itsdangerous import TimestampSigner
 from sqlalchemy import create_engine, text
 from waitress.server import create_server
 
@@ -29,6 +30,7 @@ from newsletter.config import load_config
 from newsletter.runtime import Newsletter
 from newsletter.serving import WAITRESS_OPTIONS
 from newsletter.signups import process_signups
+from newsletter.tokens import FORM_SALT
 from newsletter.web.app import create_app
 from newsletter.worker import work_once
 
@@ -193,6 +195,13 @@ def app(nl: Newsletter) -> Flask:
     return create_app(nl)
 
 
+def form_data(nl: Newsletter, address: str, opened_ago: float = 30, **fields: str) -> dict[str, str]:
+    """What our subscribe form sends for ADDRESS when its page was opened OPENED_AGO seconds earlier."""
+    signer = TimestampSigner([nl.config.security.secret_key], salt=FORM_SALT)
+    signer.get_timestamp = lambda: int(time.time() - opened_ago)  # type: ignore[method-assign]
+    return {"email": address, "started": signer.sign("form").decode(), "website": "", **fields}
+
+
 class Site:
     """The app served by waitress on a real port, with helpers a test reads like a user's session."""
 
@@ -223,8 +232,12 @@ class Site:
             )
         return response
 
-    def subscribe(self, address: str) -> requests.Response:
-        return self.post("/subscribe", data={"email": address})
+    def form(self, address: str, opened_ago: float = 30, **fields: str) -> dict[str, str]:
+        return form_data(self.nl, address, opened_ago, **fields)
+
+    def subscribe(self, address: str, **kwargs) -> requests.Response:
+        """A reader fills in our form and sends it."""
+        return self.post("/subscribe", data=self.form(address), **kwargs)
 
     def record_signups(self) -> int:
         """The worker's first step: turn the logged sign-ups into subscribers and confirmation emails."""

@@ -18,12 +18,12 @@ from sqlalchemy import func, select, text
 from newsletter.models import Signup
 from newsletter.signups import forget_old, process_signups
 
-from .conftest import POSTGRES_URL, free_port, wait_for
+from .conftest import POSTGRES_URL, form_data, free_port, wait_for
 
 
 @pytest.fixture
 def extra_config() -> str:
-    return '[web]\nrate_limit = "1000 per hour"\nsignup_ceiling = 1000\n'
+    return '[web]\nrate_limit = "1000 per hour"\nsignup_ceiling = 1000\nnetwork_ceiling = 1000\n'
 
 
 def children(pid: int) -> list[int]:
@@ -67,7 +67,7 @@ def server(config_file: Path, app) -> Iterator[tuple[subprocess.Popen, int]]:
         proc.communicate(timeout=20)
 
 
-def test_two_web_processes_record_every_signup_once(server, smtp) -> None:
+def test_two_web_processes_record_every_signup_once(server, nl, smtp) -> None:
     proc, port = server
     assert len(children(proc.pid)) == 3  # two web processes and the worker
     readers = [f"reader{i}@example.com" for i in range(40)]
@@ -77,7 +77,7 @@ def test_two_web_processes_record_every_signup_once(server, smtp) -> None:
     def sign_up(address: str) -> None:
         barrier.wait()
         answers.append(
-            requests.post(f"http://127.0.0.1:{port}/subscribe", data={"email": address}, timeout=30).status_code
+            requests.post(f"http://127.0.0.1:{port}/subscribe", data=form_data(nl, address), timeout=30).status_code
         )
 
     threads = [threading.Thread(target=sign_up, args=(address,)) for address in readers]

@@ -224,7 +224,10 @@ def stats(state: State) -> None:
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(found.outbox_queued.items()))
     queued = sum(found.outbox_queued.values())
     click.echo(f"outbox: {queued} queued{f' ({kinds})' if kinds else ''}, {found.outbox_held} held")
-    line = f"sign-ups in the last hour: {found.signups_last_hour} (ceiling {found.signup_ceiling})"
+    line = (
+        f"sign-ups in the last hour: {found.signups_last_hour} "
+        f"(ceiling {found.signup_ceiling}, {found.network_ceiling} per network)"
+    )
     if found.holding:
         line += ": confirmation emails are HELD until sign-ups slow down; check for a bot submitting addresses"
     click.echo(line)

@@ -3,7 +3,9 @@ request, the sign-up log, who is asking."""
 
 from __future__ import annotations
 
-from flask import current_app, g, request
+import ipaddress
+
+from flask import abort, current_app, g, request
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import Session
 
@@ -39,5 +41,15 @@ def session() -> Session:
 
 
 def requester() -> Requester:
-    """Who is asking, for the consent record."""
-    return Requester(ip=request.remote_addr, user_agent=request.headers.get("User-Agent"))
+    """Who is asking, for the consent record and the sign-up limits.
+
+    Behind [web] trusted_proxies the address comes from X-Forwarded-For: a value there that is not an IP
+    address is the proxy's mistake or a forgery, and is refused rather than stored.
+    """
+    ip = request.remote_addr
+    if ip is not None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            abort(400, "The proxy in front of this site sent a client address that is not an IP address.")
+    return Requester(ip=ip, user_agent=request.headers.get("User-Agent"))

@@ -21,8 +21,10 @@ def index() -> str:
     return subscribe_form()
 
 
-def subscribe_form(error: str | None = None, email: str = "") -> str:
-    return render_template("web/subscribe.html", error=error, email=email, started=newsletter().tokens.form_stamp())
+def subscribe_form(error: str | None = None, email: str = "", notice: str | None = None) -> str:
+    """The form, with a fresh signed timestamp; ERROR is about the address, NOTICE about the sign-up."""
+    stamp = newsletter().tokens.form_stamp()
+    return render_template("web/subscribe.html", error=error, email=email, notice=notice, started=stamp)
 
 
 @bp.get("/style.css")

@@ -16,6 +16,8 @@ from .pages import subscribe_form
 
 bp = Blueprint("subscribe", __name__)
 
+FORM_MAX_AGE = 24 * 3600
+
 
 @bp.post("/subscribe")
 def submit() -> tuple[str, int]:
@@ -28,12 +30,13 @@ def submit() -> tuple[str, int]:
     if "email" not in request.form:
         return subscribe_form(error="Please enter your email address."), 400
     address = request.form["email"]
-    if _looks_automated():
-        return _check_inbox()
     try:
         validated = normalize(address)
     except InvalidAddress as exc:
         return subscribe_form(error=str(exc), email=address[:320]), 400
+    doubt = _doubt()
+    if doubt is not None:
+        return subscribe_form(notice=f"{doubt} Nothing was sent yet: please press Subscribe again.", email=address), 400
     wait = signup_log().add(validated.normalized, requester())
     if wait is not None:
         raise TooManyRequests(retry_after=math.ceil(wait))
@@ -60,10 +63,14 @@ def _origin_allowed() -> bool:
     if origin is None:
         return True
     config = newsletter().config
-    allowed = {_origin_of(request.host_url), _origin_of(config.base_url), *map(_origin_of, config.web.embed_origins)}
+    allowed = {*_own_origins(), *map(_origin_of, config.web.embed_origins)}
     if config.site.feed_url.startswith(("http://", "https://")):
         allowed.add(_origin_of(config.site.feed_url))
     return origin.rstrip("/") in allowed
+
+
+def _own_origins() -> set[str]:
+    return {_origin_of(request.host_url), _origin_of(newsletter().config.base_url)}
 
 
 def _origin_of(url: str) -> str:
@@ -71,15 +78,35 @@ def _origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _looks_automated() -> bool:
-    """The hidden `website` field is filled in, or the form came back faster than a person can type."""
+def _doubt() -> str | None:
+    """Why the form may not have been sent by a person, for them to read; None when nothing says so.
+
+    Our own form carries a signed timestamp; the snippet embedded in the blog is plain HTML without one,
+    so only a post from the blog's page may come without it. Browser autofill can send a form within a
+    second and fill a hidden field, so a person who trips a check is asked to press again, never told a
+    confirmation is on its way.
+    """
     if request.form.get("website"):
-        return True
+        return "A field meant to stay empty came back filled in, as when a browser fills in a form by itself."
     stamp = request.form.get("started")
     if stamp is None:
-        return False
+        return None if _from_another_site() else "The form came back without the part that shows it was opened here."
     age = newsletter().tokens.form_age(stamp)
-    return age is None or age < newsletter().config.web.min_fill_seconds
+    if age is None:
+        return "The form came back damaged."
+    if age > FORM_MAX_AGE:
+        return "This form was opened more than a day ago."
+    if age < newsletter().config.web.min_fill_seconds:
+        return "The form came back quicker than a person usually fills it in."
+    return None
+
+
+def _from_another_site() -> bool:
+    """The browser says the post came from another site (the blog's embedded form): _origin_allowed let it in."""
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("Origin")
+    return origin not in (None, "null") and origin.rstrip("/") not in _own_origins()
 
 
 def _confirmable(token: str) -> tuple[Subscriber | None, str | None]:
