@@ -390,8 +390,10 @@ def write_config(
     feed: Path | str = "",
     extra_smtp: dict[str, int] | None = None,
     secret: str = "",
+    sections: str = "",
 ) -> Path:
-    """A config as a user would write it: local SMTP without TLS, everything else at its default."""
+    """A config as a user would write it: local SMTP without TLS, everything else at its default (or as the
+    TOML of SECTIONS says)."""
     import secrets
 
     secret = secret or secrets.token_urlsafe(32)
@@ -413,7 +415,7 @@ host = "127.0.0.1"
 port = {smtp_port}
 security = "none"
 from = "Bench Blog <news@bench.example>"
-{smtp_lines}""",
+{smtp_lines}{sections}""",
         encoding="utf-8",
     )
     return path

@@ -5,6 +5,11 @@
     python bench/send.py --sizes 10000 --database sqlite   # a quick run
     python bench/send.py --sizes 10000,100000,1000000      # linearity and memory over three sizes
     python bench/send.py --sizes 100000 --database sqlite --profile send-profile.txt
+    python bench/send.py --kind daily --database sqlite    # only the daily digest
+
+With --kind both (the default) every size and database is sent twice: as one instant notification to every
+reader, and as the daily digest of the same post to every reader (the post waits for it, then `send`
+makes the digests and sends them); the targets compare the two rates.
 
 For each size and database: a fresh database (`newsletter db upgrade`), N confirmed subscribers made by one
 set-based INSERT, a feed baseline (`newsletter posts fetch` on a one-item local feed) and one post with a
@@ -43,7 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchkit
 from benchkit import BenchError, child_env, run_checked, start, stop_process
 
-SUMMARY = re.compile(r"(\d+) post\(s\): (\d+) sent, (\d+) failed, (\d+) skipped, (\d+) left for the next run")
+SUMMARY = re.compile(
+    r"(\d+) post\(s\)(?:, \d+ digest\(s\))?: (\d+) sent, (\d+) failed, (\d+) skipped, (\d+) left for the next run"
+)
+DIGEST_DUE = '\n[digest]\nsend_hour = 0\ntimezone = "UTC"\n'  # every daily digest is due at once
 SENDER = "news@bench.example"
 FEED = """<?xml version="1.0" encoding="UTF-8"?>
 <rss version="2.0"><channel>
@@ -79,6 +87,7 @@ class Run:
     database: str
     n: int
     repeat: int
+    kind: str = "instant"  # or "daily": every reader on the daily digest, the post waiting for it
     enqueue_s: float = 0.0
     send_s: float = 0.0
     send_cpu_s: float = 0.0
@@ -218,8 +227,8 @@ class Bench:
             self.pg.start()
         return self.pg
 
-    def run(self, database: str, n: int, repeat: int) -> Run:
-        result = Run(database, n, repeat)
+    def run(self, database: str, n: int, repeat: int, kind: str) -> Run:
+        result = Run(database, n, repeat, kind)
         folder = Path(benchkit.temp_dir(f"newsletter-bench-{database}-{n}-"))
         pg_name = f"bench_{n}_{repeat}_{os.getpid()}"
         try:
@@ -247,14 +256,15 @@ class Bench:
             if value
         }
         secret = secrets.token_urlsafe(32)
-        config = benchkit.write_config(folder / "config.toml", url, 25, feed, extra, secret)
+        sections = DIGEST_DUE if result.kind == "daily" else ""
+        config = benchkit.write_config(folder / "config.toml", url, 25, feed, extra, secret, sections)
         newsletter = [*self.cmd, "--config", str(config)]
 
-        label = f"{result.database} N={n:,}" + (f" (run {result.repeat})" if self.args.repeat > 1 else "")
+        label = f"{result.database} {result.kind} N={n:,}" + (f" (run {result.repeat})" if self.args.repeat > 1 else "")
         log(f"{label}: newsletter db upgrade")
         run_checked([*newsletter, "db", "upgrade"], "newsletter db upgrade")
         log(f"{label}: inserting {n:,} confirmed subscribers")
-        took = insert_subscribers(url, n)
+        took = insert_subscribers(url, n, result.kind)
         log(f"{label}: subscribers inserted in {took:.1f} s; posts fetch + posts add")
         run_checked([*newsletter, "posts", "fetch"], "newsletter posts fetch")
         run_checked(
@@ -308,7 +318,7 @@ class Bench:
         self._smtp_source(result, folder, sample, connections, label, "before")
 
         sink = Sink(self.sink_bin, folder, "send")
-        benchkit.write_config(config, url, sink.port, feed, extra, secret)
+        benchkit.write_config(config, url, sink.port, feed, extra, secret, sections)
         log(
             f"{label}: newsletter send --no-fetch ({connections} connections, batch size "
             f"{app_config.smtp.batch_size}, sink on port {sink.port})"
@@ -392,8 +402,9 @@ def peak_rss(command: list[str], what: str) -> float:
     return usage.ru_maxrss / 1024
 
 
-def insert_subscribers(url: str, n: int) -> float:
-    """N confirmed subscribers in one set-based INSERT, with the columns `subscribers add --confirmed` writes."""
+def insert_subscribers(url: str, n: int, frequency: str) -> float:
+    """N confirmed subscribers on FREQUENCY email in one set-based INSERT, with the columns
+    `subscribers add --confirmed` writes."""
     from sqlalchemy import bindparam, text
 
     from newsletter.db import make_engine
@@ -402,11 +413,11 @@ def insert_subscribers(url: str, n: int) -> float:
     engine = make_engine(url)
     columns = (
         "email, email_key, email_ascii, status, created_at, subscribed_at, subscribed_user_agent, "
-        "confirmed_at, confirmed_user_agent"
+        "confirmed_at, confirmed_user_agent, frequency"
     )
     values = (
         "'Reader' || n || '@example.com', 'reader' || n || '@example.com', 'Reader' || n || '@example.com', "
-        "'confirmed', :now, :now, 'newsletter command line', :now, 'newsletter command line'"
+        "'confirmed', :now, :now, 'newsletter command line', :now, 'newsletter command line', :frequency"
     )
     if engine.dialect.name == "sqlite":
         sql = (
@@ -415,11 +426,11 @@ def insert_subscribers(url: str, n: int) -> float:
         )
     else:
         sql = f"INSERT INTO subscribers ({columns}) SELECT {values} FROM generate_series(1, :n) AS n"
-    statement = text(sql).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("n"))
+    statement = text(sql).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("n"), bindparam("frequency"))
     started = time.perf_counter()
     try:
         with engine.begin() as conn:
-            conn.execute(statement, {"n": n, "now": datetime.now(UTC)})
+            conn.execute(statement, {"n": n, "now": datetime.now(UTC), "frequency": frequency})
             if engine.dialect.name == "postgresql":
                 conn.execute(text("ANALYZE subscribers"))
             count = conn.execute(text("SELECT count(*) FROM subscribers WHERE status = 'confirmed'")).scalar()
@@ -475,7 +486,7 @@ def render_sample(newsletter: list[str]) -> bytes:
 def report(runs: list[Run]) -> None:
     print()
     header = (
-        f"{'database':<10} {'N':>9} {'enqueue s':>9} {'send s':>8} {'send msg/s':>10} "
+        f"{'database':<10} {'email':<7} {'N':>9} {'enqueue s':>9} {'send s':>8} {'send msg/s':>10} "
         f"{'source msg/s':>12} {'ratio':>6} {'peak RSS MB':>11} {'send CPU s':>10} {'base RSS MB':>11}"
     )
     print(header)
@@ -483,7 +494,7 @@ def report(runs: list[Run]) -> None:
     for r in runs:
         flag = "  (profiled)" if r.profiled else ""
         print(
-            f"{r.database:<10} {r.n:>9,} {r.enqueue_s:>9.2f} {r.send_s:>8.1f} {r.send_rate:>10,.0f} "
+            f"{r.database:<10} {r.kind:<7} {r.n:>9,} {r.enqueue_s:>9.2f} {r.send_s:>8.1f} {r.send_rate:>10,.0f} "
             f"{r.source_rate:>12,.0f} {r.ratio:>6.2f} {r.peak_rss_mb:>11.1f} {r.send_cpu_s:>10.1f} "
             f"{r.base_rss_mb:>11.1f}{flag}"
         )
@@ -506,11 +517,12 @@ def report(runs: list[Run]) -> None:
     for note in notes:
         print(f"note: {note}")
 
-    print("\nlinearity (median of repeats):")
+    kind = "instant" if any(r.kind == "instant" for r in runs) else "daily"
+    print(f"\nlinearity ({kind}, median of repeats):")
     for database in dict.fromkeys(r.database for r in runs):
         by_size: dict[int, list[Run]] = {}
         for r in runs:
-            if r.database == database:
+            if r.database == database and r.kind == kind:
                 by_size.setdefault(r.n, []).append(r)
         for n in sorted(by_size):
             group = by_size[n]
@@ -532,7 +544,24 @@ def report(runs: list[Run]) -> None:
         if r.profiled:
             continue
         verdict = "ok" if r.ratio >= 0.9 else "ok (below the 0.9 aim)" if r.ratio >= 0.5 else "MISSED"
-        print(f"  {r.database} N={r.n:,}: send rate {r.ratio:.2f}x smtp-source (target >= 0.5, aim 0.9): {verdict}")
+        print(
+            f"  {r.database} {r.kind} N={r.n:,}: send rate {r.ratio:.2f}x smtp-source (target >= 0.5, aim 0.9): "
+            f"{verdict}"
+        )
+    for database in dict.fromkeys(r.database for r in runs):
+        for n in sorted({r.n for r in runs}):
+            rates = {
+                kind: statistics.median(r.send_rate for r in group)
+                for kind in ("instant", "daily")
+                if (group := [r for r in runs if (r.database, r.n, r.kind) == (database, n, kind) and not r.profiled])
+            }
+            if len(rates) == 2:
+                ratio = rates["daily"] / rates["instant"]
+                verdict = "ok" if ratio >= 0.8 else "MISSED"
+                print(
+                    f"  {database} N={n:,}: daily digest {rates['daily']:,.0f} msg/s = {ratio:.2f}x the instant "
+                    f"notification's {rates['instant']:,.0f} msg/s (target >= 0.8): {verdict}"
+                )
     for database in dict.fromkeys(r.database for r in runs):
         group = [r for r in runs if r.database == database and not r.profiled]
         million = [r for r in group if r.n >= 1_000_000]
@@ -562,6 +591,13 @@ def main() -> int:
     parser.add_argument("--sizes", default="100000", help="comma-separated subscriber counts (default 100000)")
     parser.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each size and database (default 1)")
+    parser.add_argument(
+        "--kind",
+        choices=("instant", "daily", "both"),
+        default="both",
+        help="instant: one notification per reader; daily: every reader on the daily digest; both (default), "
+        "alternating, with the ratio of their rates",
+    )
     parser.add_argument(
         "--connections", type=int, default=0, help="[smtp] connections to set (default: leave the app's default)"
     )
@@ -602,6 +638,7 @@ def main() -> int:
     if any(n < 1 for n in sizes) or args.repeat < 1:
         parser.error("sizes and --repeat must be at least 1")
     databases = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
+    kinds = ["instant", "daily"] if args.kind == "both" else [args.kind]
 
     benchkit.install_cleanup()
     runs: list[Run] = []
@@ -610,7 +647,8 @@ def main() -> int:
         for database in databases:
             for n in sizes:
                 for repeat in range(1, args.repeat + 1):
-                    runs.append(bench.run(database, n, repeat))
+                    for kind in kinds:
+                        runs.append(bench.run(database, n, repeat, kind))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if runs:

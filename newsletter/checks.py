@@ -75,6 +75,7 @@ class SamplePost:
     title: str
     url: str
     summary_html: str
+    id: int = 0
 
 
 def run_checks(nl: Newsletter) -> list[Check]:

@@ -12,6 +12,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from email_validator import EmailNotValidError, validate_email
 from limits import parse_many
@@ -34,6 +35,9 @@ class SiteConfig:
     base_url: str = "http://localhost:8000"
     feed_url: str = ""
     templates_dir: str = ""
+    archive: bool = True
+    categories: list[str] = field(default_factory=list)
+    exclude_categories: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,18 @@ class WebConfig:
     unconfirmed_days: int = 30
 
 
+FREQUENCIES = ("instant", "daily", "weekly")
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+@dataclass(frozen=True)
+class DigestConfig:
+    default_frequency: str = "instant"
+    send_hour: int = 8
+    weekday: str = "monday"
+    timezone: str = "UTC"
+
+
 @dataclass(frozen=True)
 class DKIMConfig:
     selector: str = ""
@@ -89,6 +105,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     web: WebConfig = field(default_factory=WebConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    digest: DigestConfig = field(default_factory=DigestConfig)
     source: str = "defaults"
     demo: bool = False
 
@@ -243,9 +260,29 @@ def _validated(config: Config) -> Config:
             f'{where}: [web] rate_limit must read like "10 per hour" or "5/minute; 20/day", '
             f"not {config.web.rate_limit!r}"
         ) from None
+    _validate_digest(config.digest, where)
     if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
         raise ConfigError(
             f"{where}: [database] url must start with sqlite:/// or postgresql+psycopg://, "
             f"not {hide_password(config.database.url)!r}"
         )
     return config
+
+
+def _validate_digest(digest: DigestConfig, where: str) -> None:
+    if digest.default_frequency not in FREQUENCIES:
+        raise ConfigError(
+            f"{where}: [digest] default_frequency must be one of {', '.join(FREQUENCIES)}, "
+            f"not {digest.default_frequency!r}"
+        )
+    if digest.send_hour > 23:
+        raise ConfigError(f"{where}: [digest] send_hour must be an hour from 0 to 23, not {digest.send_hour}")
+    if digest.weekday not in WEEKDAYS:
+        raise ConfigError(f"{where}: [digest] weekday must be one of {', '.join(WEEKDAYS)}, not {digest.weekday!r}")
+    try:
+        ZoneInfo(digest.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{where}: [digest] timezone must be an IANA time zone name such as Europe/Paris or UTC, "
+            f"not {digest.timezone!r}"
+        ) from None

@@ -30,6 +30,8 @@ from sqlalchemy import (
     Row,
     Select,
     Table,
+    any_,
+    bindparam,
     create_engine,
     event,
     select,
@@ -191,6 +193,14 @@ class DriverStatement:
 
 def _postgresql(bind: Connection | Engine) -> bool:
     return bind.dialect.name == "postgresql"
+
+
+def one_of(column: ColumnElement[str], values: Sequence[str], bind: Connection | Engine) -> ColumnElement[bool]:
+    """COLUMN IN VALUES, for many values. On PostgreSQL one array parameter: with a list of parameters, the plan
+    that the driver's prepared statement comes to use compares every row with every value."""
+    if _postgresql(bind):
+        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
 
 
 def skip_locked(query: Select[*Ts], bind: Connection | Engine) -> Select[*Ts]:

@@ -9,32 +9,61 @@ same Message-ID and counts it as possibly duplicated. Nothing is ever skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from . import db
+from . import categories, db, digests
 from .mailer import Envelope, MailerError, Outcome, Result
-from .messages import MessageTemplate, notification_template
-from .models import DELIVERIES, SUBSCRIBERS, Delivery, DeliveryStatus, OutboxMessage, Post, Status, Subscriber, utcnow
+from .messages import MessageTemplate, digest_template, notification_template
+from .models import (
+    DELIVERIES,
+    DIGESTS,
+    SUBSCRIBERS,
+    Delivery,
+    DeliveryStatus,
+    OutboxMessage,
+    Post,
+    Status,
+    Subscriber,
+    utcnow,
+)
 from .runtime import Newsletter
 
 RETRY_PASSES_AFTER = (timedelta(seconds=1), timedelta(seconds=5))  # within one run, for 4xx and lost replies
 POLICY_REJECTION = re.compile(r"^5\d\d[ -]5\.7\.")
 MAX_LISTED_FAILURES = 20
+LEDGERS = (DELIVERIES, DIGESTS)
+RECIPIENT = (SUBSCRIBERS.c.id, SUBSCRIBERS.c.email_ascii, SUBSCRIBERS.c.status)
 
 
 @dataclass
 class SendReport:
     posts: int = 0
+    digests: int = 0
     sent: int = 0
     failed: int = 0
     skipped: int = 0
@@ -46,8 +75,9 @@ class SendReport:
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        digests = f", {self.digests} digest(s)" if self.digests else ""
         line = (
-            f"{self.posts} post(s): {self.sent} sent, {self.failed} failed, {self.skipped} skipped"
+            f"{self.posts} post(s){digests}: {self.sent} sent, {self.failed} failed, {self.skipped} skipped"
             f", {self.deferred} left for the next run"
         )
         if self.resent:
@@ -70,40 +100,47 @@ Progress = Callable[[int], None]
 
 def _recover_interrupted(nl: Newsletter, sender_id: int) -> int:
     """Put rows that a dead sender left `sending` back in the queue; returns how many."""
-    with nl.sessions.begin() as session:
-        owners = session.scalars(
-            select(Delivery.claimed_by).where(Delivery.status == DeliveryStatus.SENDING).distinct()
-        ).all()
-        dead = [o for o in owners if o is None or (o != sender_id and not db.sender_alive(nl.engine, o))]
-        if not dead:
-            return 0
-        stale = update(Delivery).where(
-            Delivery.status == DeliveryStatus.SENDING,
-            or_(Delivery.claimed_by.in_([o for o in dead if o is not None]), Delivery.claimed_by.is_(None)),
-        )
-        # an UPDATE's result is a CursorResult, which has the rowcount; Session.execute is typed as any Result
-        result = cast(CursorResult[Any], session.execute(stale.values(status=DeliveryStatus.PENDING, claimed_by=None)))
-        return result.rowcount
+    recovered = 0
+    with nl.engine.begin() as conn:
+        for table in LEDGERS:
+            sending = table.c.status == DeliveryStatus.SENDING
+            owners = conn.scalars(select(table.c.claimed_by).where(sending).distinct()).all()
+            dead = [o for o in owners if o is None or (o != sender_id and not db.sender_alive(nl.engine, o))]
+            if dead:
+                stale = or_(table.c.claimed_by.in_([o for o in dead if o is not None]), table.c.claimed_by.is_(None))
+                back = update(table).where(sending, stale).values(status=DeliveryStatus.PENDING, claimed_by=None)
+                recovered += conn.execute(back).rowcount
+    return recovered
 
 
 def queue_posts(nl: Newsletter) -> list[Post]:
-    """Create a pending delivery per confirmed subscriber for every post not yet queued."""
+    """Create a delivery per confirmed subscriber the post reaches (categories.readers_of) for every post not
+    yet queued: pending for readers on instant email, waiting for the others' next digest. A post in an
+    excluded category is marked announced and reaches nobody. Returns the posts queued."""
+    status = case(
+        (Subscriber.frequency == "instant", literal(DeliveryStatus.PENDING.value)),
+        else_=literal(DeliveryStatus.WAITING.value),
+    )
     with nl.sessions.begin() as session:
+        digests.lock(session.connection())
         due = (
             select(Post)
             .where(Post.queued_at.is_(None), Post.announced_at.is_(None))
             .order_by(Post.published_at.is_(None), Post.published_at, Post.id)
         )
-        posts = list(session.scalars(db.locked(due, nl.engine)))
-        for post in posts:
+        posts = []
+        for post in session.scalars(db.locked(due, nl.engine)):
+            if categories.excluded(nl.config, post.categories):
+                post.announced_at = utcnow()
+                continue
+            readers = and_(Subscriber.status == Status.CONFIRMED, categories.readers_of(session, post.categories))
             session.execute(
                 insert(Delivery).from_select(
                     ["post_id", "subscriber_id", "status"],
-                    select(literal(post.id), Subscriber.id, literal(DeliveryStatus.PENDING.value)).where(
-                        Subscriber.status == Status.CONFIRMED
-                    ),
+                    select(literal(post.id), Subscriber.id, status).where(readers),
                 )
             )
+            posts.append(post)
             post.queued_at = utcnow()
             post.message_seed = os.urandom(8).hex()
     if posts:
@@ -145,9 +182,17 @@ def _sent_in_last_day(nl: Newsletter) -> int:
 
 
 def send(
-    nl: Newsletter, sender_id: int, progress: Progress | None = None, on_post: Callable[[Post, int], None] | None = None
+    nl: Newsletter,
+    sender_id: int,
+    progress: Progress | None = None,
+    on_post: Callable[[str, int], None] | None = None,
+    now: datetime | None = None,
 ) -> SendReport:
-    """Announce every queued post to its recipients. Call inside a db.sender_lock giving SENDER_ID."""
+    """Announce every queued post to its readers on instant email, then send every digest due at NOW
+    (default: the time of the call). Call inside a db.sender_lock giving SENDER_ID.
+
+    ON_POST is told the title of each post, or the name of the digests, and how many messages it has.
+    """
     report = SendReport(resent=_recover_interrupted(nl, sender_id))
     queue_posts(nl)
     quota = _Quota(nl.config.smtp.max_per_day, _sent_in_last_day(nl) if nl.config.smtp.max_per_day else 0)
@@ -162,28 +207,60 @@ def send(
         )
     for post in posts:
         report.posts += 1
-        template = notification_template(nl.config, nl.render, post)
+        queue = _post_queue(nl, post)
         if on_post:
-            on_post(post, _count(nl, post, DeliveryStatus.PENDING))
-        _PostSender(nl, sender_id, post, template, report, progress, quota, pace).run()
+            on_post(post.title, _count(nl, queue, DeliveryStatus.PENDING))
+        _Sender(nl, sender_id, queue, report, progress, quota, pace).run()
         if report.error or report.quota_reached or report.stopped_by:
-            break
-        if not _count(nl, post, DeliveryStatus.PENDING, DeliveryStatus.SENDING):
+            return report
+        if not _count(nl, queue, DeliveryStatus.PENDING, DeliveryStatus.SENDING):
             with nl.sessions.begin() as session:
                 session.execute(update(Post).where(Post.id == post.id).values(announced_at=utcnow()))
+    digests.assemble(nl, now or utcnow())
+    queue = _digest_queue(nl)
+    report.digests = _count(nl, queue, DeliveryStatus.PENDING)
+    if report.digests:
+        if on_post:
+            on_post("digests", report.digests)
+        _Sender(nl, sender_id, queue, report, progress, quota, pace).run()
     return report
 
 
-def _count(nl: Newsletter, post: Post, *statuses: DeliveryStatus) -> int:
-    with nl.sessions() as session:
-        return (
-            session.scalar(
-                select(func.count())
-                .select_from(Delivery)
-                .where(Delivery.post_id == post.id, Delivery.status.in_(statuses))
-            )
-            or 0
+def _post_queue(nl: Newsletter, post: Post) -> _Queue:
+    seed = post.message_seed
+
+    @functools.cache
+    def rendered() -> MessageTemplate:  # not at all when every reader of the post is on digests
+        return notification_template(nl.config, nl.render, post)
+
+    def envelope(item: _Claimed) -> Envelope:
+        template = rendered()
+        message_id = f"<{item.row_id}.{seed}@{template.domain}>"
+        message = template.render(
+            item.recipient, message_id, nl.unsubscribe_url(item.subscriber_id), nl.manage_url(item.subscriber_id)
         )
+        return Envelope(template.sender, item.recipient, message)
+
+    return _Queue(DELIVERIES, DELIVERIES.c.post_id == post.id, envelope)
+
+
+def _digest_queue(nl: Newsletter) -> _Queue:
+    renderer = digests.Renderer(nl)
+
+    def envelope(item: _Claimed) -> Envelope:
+        template = renderer.template(item.contents)
+        message_id = renderer.message_id(item.row_id, item.contents)
+        message = template.render(
+            item.recipient, message_id, nl.unsubscribe_url(item.subscriber_id), nl.manage_url(item.subscriber_id)
+        )
+        return Envelope(template.sender, item.recipient, message)
+
+    return _Queue(DIGESTS, true(), envelope, DIGESTS.c.contents)
+
+
+def _count(nl: Newsletter, queue: _Queue, *statuses: DeliveryStatus) -> int:
+    with nl.engine.connect() as conn:
+        return conn.scalar(select(func.count()).where(queue.scope, queue.table.c.status.in_(statuses))) or 0
 
 
 class _Pace:
@@ -224,13 +301,24 @@ class _Quota:
 
 @dataclass
 class _Claimed:
-    delivery_id: int
+    row_id: int
     subscriber_id: int
     recipient: str
+    contents: str = ""
 
 
-class _PostSender:
-    """Sends one post's pending deliveries over [smtp] connections parallel SMTP connections.
+@dataclass
+class _Queue:
+    """The rows of a ledger (deliveries or digests) that one pass sends, and how each becomes an email."""
+
+    table: Table
+    scope: ColumnElement[bool]
+    envelope: Callable[[_Claimed], Envelope]
+    contents: ColumnElement[str] | None = None  # a column the envelope needs besides the recipient
+
+
+class _Sender:
+    """Sends a queue's pending rows over [smtp] connections parallel SMTP connections.
 
     Each thread owns one connection. Recording a finished batch and claiming the next happen in one
     transaction (db.claim: on SQLite the threads take turns at the database, on PostgreSQL they claim
@@ -241,14 +329,13 @@ class _PostSender:
         self,
         nl: Newsletter,
         sender_id: int,
-        post: Post,
-        template: MessageTemplate,
+        queue: _Queue,
         report: SendReport,
         progress: Progress | None,
         quota: _Quota,
         pace: _Pace,
     ) -> None:
-        self.nl, self.sender_id, self.post, self.template = nl, sender_id, post, template
+        self.nl, self.sender_id, self.queue, self.table = nl, sender_id, queue, queue.table
         self.report, self.progress, self.quota, self.pace = report, progress, quota, pace
         self.lock = threading.Lock()
         self.cursor: int | None = 0
@@ -277,11 +364,11 @@ class _PostSender:
                     thread.join()
                 self.report.stopped_by = interrupt
                 break
-            if self.quota.left == 0 and _count(self.nl, self.post, DeliveryStatus.PENDING):
+            if self.quota.left == 0 and _count(self.nl, self.queue, DeliveryStatus.PENDING):
                 self.report.quota_reached = True
             if self.report.error or self.report.quota_reached or not self.requeued:
                 break
-        self.report.deferred += _count(self.nl, self.post, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
+        self.report.deferred += _count(self.nl, self.queue, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 
     def _work(self) -> None:
         transport = self.nl.transport()
@@ -291,7 +378,7 @@ class _PostSender:
                 batch = self._record_and_claim(done)
                 if not batch:
                     return
-                envelopes = [self._envelope(item) for item in batch]
+                envelopes = [self.queue.envelope(item) for item in batch]
                 self.pace.wait(len(batch))
                 try:
                     done = list(zip(batch, transport.send(envelopes), strict=True))
@@ -304,14 +391,6 @@ class _PostSender:
             if done:
                 self._record(done)
             transport.close()
-
-    def _envelope(self, item: _Claimed) -> Envelope:
-        message = self.template.render(
-            item.recipient,
-            f"<{item.delivery_id}.{self.post.message_seed}@{self.template.domain}>",
-            self.nl.unsubscribe_url(item.subscriber_id),
-        )
-        return Envelope(self.template.sender, item.recipient, message)
 
     def _record_and_claim(self, done: list[tuple[_Claimed, Result]]) -> list[_Claimed]:
         with self.nl.sessions.begin() as session:
@@ -340,19 +419,23 @@ class _PostSender:
         if cursor is None:
             return [], size
         conn = session.connection()
+        table = self.table
         due = (
-            select(DELIVERIES.c.id)
-            .where(
-                DELIVERIES.c.post_id == self.post.id,
-                DELIVERIES.c.status == DeliveryStatus.PENDING,
-                DELIVERIES.c.id > cursor,
-            )
-            .order_by(DELIVERIES.c.id)
+            select(table.c.id)
+            .where(self.queue.scope, table.c.status == DeliveryStatus.PENDING, table.c.id > cursor)
+            .order_by(table.c.id)
             .limit(size)
         )
         sending = {"status": DeliveryStatus.SENDING, "claimed_by": self.sender_id, "updated_at": utcnow()}
-        columns = (DELIVERIES.c.id, SUBSCRIBERS.c.id, SUBSCRIBERS.c.email_ascii, SUBSCRIBERS.c.status)
-        rows = db.claim(conn, DELIVERIES, due, sending, columns, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
+        columns: list[ColumnElement[Any]] = [
+            table.c.id,
+            SUBSCRIBERS.c.id,
+            SUBSCRIBERS.c.email_ascii,
+            SUBSCRIBERS.c.status,
+        ]
+        if self.queue.contents is not None:
+            columns.append(self.queue.contents)
+        rows = db.claim(conn, table, due, sending, columns, SUBSCRIBERS.c.id == table.c.subscriber_id)
         with self.lock:
             if not rows:
                 self.cursor = None
@@ -362,44 +445,42 @@ class _PostSender:
         live = [row for row in rows if row[3] == Status.CONFIRMED]
         gone = [row[0] for row in rows if row[3] != Status.CONFIRMED]
         if gone:
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(gone)).values(status=DeliveryStatus.SKIPPED))
+            conn.execute(update(table).where(table.c.id.in_(gone)).values(status=DeliveryStatus.SKIPPED))
             with self.lock:
                 self.report.skipped += len(gone)
                 if self.progress:
                     self.progress(len(gone))
-        return [_Claimed(row[0], row[1], row[2]) for row in live], size - len(live)
+        return [_Claimed(*row[:3], *row[4:]) for row in live], size - len(live)
 
     def _record(self, done: list[tuple[_Claimed, Result]], session: Session | None = None) -> None:
         """Store each outcome: sent, failed (5xx), or back in the queue (4xx, no reply, not sent)."""
         if session is None:
             with self.nl.sessions.begin() as own:
                 return self._record(done, own)
-        conn = session.connection()
+        conn, table = session.connection(), self.table
         now = utcnow()
-        sent = [item.delivery_id for item, result in done if result.outcome is Outcome.SENT]
+        sent = [item.row_id for item, result in done if result.outcome is Outcome.SENT]
         again = [
-            {"d": item.delivery_id, "e": result.reply[:1024]}
+            {"d": item.row_id, "e": result.reply[:1024]}
             for item, result in done
             if result.outcome in (Outcome.DEFERRED, Outcome.UNKNOWN)
         ]
         failed = [(item, result) for item, result in done if result.outcome is Outcome.FAILED]
         if sent:
             conn.execute(
-                update(DELIVERIES)
-                .where(DELIVERIES.c.id.in_(sent))
-                .values(status=DeliveryStatus.SENT, updated_at=now, error=None)
+                update(table).where(table.c.id.in_(sent)).values(status=DeliveryStatus.SENT, updated_at=now, error=None)
             )
         if again:
             conn.execute(
-                update(DELIVERIES)
-                .where(DELIVERIES.c.id == bindparam("d"))
+                update(table)
+                .where(table.c.id == bindparam("d"))
                 .values(status=DeliveryStatus.PENDING, error=bindparam("e"), updated_at=now),
                 again,
             )
         for item, result in failed:
             conn.execute(
-                update(DELIVERIES)
-                .where(DELIVERIES.c.id == item.delivery_id)
+                update(table)
+                .where(table.c.id == item.row_id)
                 .values(status=DeliveryStatus.FAILED, error=result.reply[:1024], updated_at=now)
             )
             if result.stage == "rcpt" and not POLICY_REJECTION.match(result.reply):
@@ -422,7 +503,17 @@ class _PostSender:
 
 def send_copy(nl: Newsletter, post: Post, address: str) -> Result:
     """A copy of POST to one address, outside the ledger (nothing recorded)."""
-    template = notification_template(nl.config, nl.render, post)
+    return _send_one(nl, notification_template(nl.config, nl.render, post), address)
+
+
+def send_sample_digest(nl: Newsletter, frequency: str, address: str) -> tuple[Result, list[Post]]:
+    """A FREQUENCY digest of the latest posts to one address, outside the ledger; with the posts in it."""
+    posts = digests.sample_posts(nl, frequency)
+    template = digest_template(nl.config, nl.render, frequency, posts)
+    return _send_one(nl, template, address), posts
+
+
+def _send_one(nl: Newsletter, template: MessageTemplate, address: str) -> Result:
     message = template.render(address, template.new_message_id(), nl.unsubscribe_url(0))
     transport = nl.transport()
     try:

@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import calendar
 import logging
+import re
 import urllib.request
+import xml.sax
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urljoin, urlsplit
+from xml.parsers import expat
 
 import feedparser
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import Post, utcnow
-from .sanitize import clean_html
-from .text import header_text, strip_controls
+from .sanitize import clean_html, html_to_line
+from .text import header_text, hide_password, strip_controls
 
 log = logging.getLogger(__name__)
 
 MAX_FEED_BYTES = 20 * 1024 * 1024
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+MAX_CATEGORY = 200  # subscriber_categories.category holds as much
+MAX_CATEGORIES = 50
+_XML_DECLARATION = re.compile(r"\A\s*<\?xml\b[^>]*\?>")
+_NOT_XML_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_HTML_PAGE = re.compile(r"<(?:!doctype\s+)?html[\s>]", re.IGNORECASE)
 
 
 class FeedError(Exception):
@@ -35,6 +44,7 @@ class Entry:
     title: str
     summary_html: str
     published_at: datetime | None
+    categories: tuple[str, ...] = ()
 
 
 def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
@@ -42,11 +52,14 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
     if not source:
         raise FeedError("[site] feed_url is not set; set it to your blog's RSS or Atom feed")
     data = _fetch(source, timeout)
+    if len(data) > MAX_FEED_BYTES:
+        raise FeedError(f"the feed at {hide_password(source)} is larger than {MAX_FEED_BYTES // 2**20} MiB")
     parsed = feedparser.parse(
         data, response_headers={"content-location": source}, sanitize_html=False, resolve_relative_uris=True
     )
-    if parsed.bozo and not parsed.entries and not parsed.feed.get("title"):
-        raise FeedError(f"{source} is not an RSS or Atom feed ({parsed.get('bozo_exception', 'unreadable')})")
+    problem = _problem(data, parsed)
+    if problem:
+        raise FeedError(f"the feed at {hide_password(source)} {problem}")
     base = parsed.feed.get("link") or source
     entries = []
     for item in parsed.entries:
@@ -55,20 +68,66 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
         guid = strip_controls(item.get("id") or "") or url
         if not guid or not url:
             continue
+        title = header_text(_title(item), 1024)
         if urlsplit(url).scheme.lower() not in ("http", "https"):
-            name = header_text(item.get("title") or "", 200) or guid[:200]
+            name = title[:200] or guid[:200]
             log.warning("feed entry %r skipped: its link %r is not an http(s) URL", name, url[:200])
             continue
         entries.append(
             Entry(
                 guid=guid[:2048],
                 url=url[:2048],
-                title=header_text(item.get("title") or "", 1024) or header_text(url, 1024),
+                title=title or header_text(url, 1024),
                 summary_html=clean_html(_summary(item), base_url=url),
                 published_at=_published(item),
+                categories=_categories(item),
             )
         )
     return sorted(entries, key=lambda e: e.published_at or datetime.min.replace(tzinfo=UTC))
+
+
+def _problem(data: bytes, parsed: feedparser.FeedParserDict) -> str | None:
+    """What makes DATA unusable as a feed, as the end of a sentence, or None when it is a feed."""
+    if not data.strip():
+        return "is empty"
+    broken = _not_well_formed(data, parsed)
+    if not parsed.get("version"):
+        if _HTML_PAGE.search(data[:4096].decode("latin-1")):
+            return "is an HTML page, not an RSS or Atom feed"
+        if not broken:
+            return "is not an RSS or Atom feed"
+    return f"is not well-formed XML ({broken})" if broken else None
+
+
+def _not_well_formed(data: bytes, parsed: feedparser.FeedParserDict) -> str | None:
+    """Where the XML of DATA is broken ("line 40: unclosed token"), or None.
+
+    feedparser's strict parse also stops at HTML entities (`&nbsp;`), undeclared namespace prefixes,
+    blank lines before the XML declaration and stray control characters (which every field drops), all of
+    which its loose parser reads faithfully, so a document it could not parse strictly is checked again
+    without those rules.
+    """
+    if not isinstance(parsed.get("bozo_exception"), xml.sax.SAXParseException):
+        return None
+    text = data.decode(parsed.get("encoding") or "utf-8", "replace").removeprefix("\ufeff")
+    text = _XML_DECLARATION.sub(lambda m: re.sub(r"[^\n]", " ", m[0]), text, count=1)
+    text = _NOT_XML_CHARACTERS.sub(" ", text)
+    checker = expat.ParserCreate()
+    checker.UseForeignDTD(True)
+    try:
+        checker.Parse(text, True)
+    except expat.ExpatError as exc:
+        reason = expat.errors.messages[exc.code].removeprefix("not well-formed (").removesuffix(")")
+        return f"line {exc.lineno}: {reason}"
+    return None
+
+
+def _title(item: feedparser.FeedParserDict) -> str:
+    """The entry's title as plain text: what a reader sees, whether the feed typed it as text or HTML."""
+    title = item.get("title") or ""
+    if item.get("title_detail", {}).get("type") in HTML_TYPES:
+        return html_to_line(title)
+    return title
 
 
 def _fetch(source: str, timeout: float) -> bytes:
@@ -77,11 +136,22 @@ def _fetch(source: str, timeout: float) -> bytes:
         if scheme in ("http", "https"):
             request = urllib.request.Request(source, headers={"User-Agent": "newsletter feed reader"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.read(MAX_FEED_BYTES)
+                return response.read(MAX_FEED_BYTES + 1)
         return Path(source.removeprefix("file://")).read_bytes()
     except (URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         raise FeedError(f"cannot fetch the feed {source}: {reason}") from None
+
+
+def _categories(item: feedparser.FeedParserDict) -> tuple[str, ...]:
+    """The entry's categories (RSS <category>, Atom <category term>; feedparser calls them tags), each one
+    line of plain text, in order, without repeats."""
+    names: dict[str, str] = {}
+    for tag in item.get("tags") or ():
+        name = header_text(strip_controls(tag.get("term") or tag.get("label") or ""), MAX_CATEGORY)
+        if name:
+            names.setdefault(name.casefold(), name)
+    return tuple(names.values())[:MAX_CATEGORIES]
 
 
 def _summary(item: feedparser.FeedParserDict) -> str:
@@ -114,6 +184,7 @@ def record_entries(session: Session, entries: list[Entry], announce_existing: bo
             title=entry.title,
             summary_html=entry.summary_html,
             published_at=entry.published_at,
+            categories=list(entry.categories),
             source="feed",
             announced_at=now if first_fetch and not announce_existing else None,
         )

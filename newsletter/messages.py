@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
@@ -28,11 +28,20 @@ class PostLike(Protocol):
     """What a notification shows of a post."""
 
     @property
+    def id(self) -> int: ...
+    @property
     def title(self) -> str: ...
     @property
     def url(self) -> str: ...
     @property
     def summary_html(self) -> str: ...
+
+
+class DatedPostLike(PostLike, Protocol):
+    """What a digest shows of a post."""
+
+    @property
+    def published_at(self) -> datetime | None: ...
 
 
 def encoded_words(text: str, separator: str = "\r\n ") -> str:
@@ -79,14 +88,24 @@ def _header(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("ascii")
 
 
-def unsubscribe_placeholder() -> str:
-    """Where a template's unsubscribe link goes until each recipient's is filled in: new and random for each
-    post, so no text in a post can know it and have a reader's link put in its place."""
-    return f"@@unsubscribe-{secrets.token_hex(16)}@@"
+@dataclass(frozen=True)
+class RecipientLinks:
+    """Where a template's per-recipient links go until each recipient's are filled in: made anew, at random,
+    for each template, so no text in a post can know them and have a reader's link put in its place."""
+
+    marker: str  # in every line that holds one of them
+    unsubscribe: str
+    manage: str
+
+    @classmethod
+    def new(cls) -> RecipientLinks:
+        marker = f"@@{secrets.token_hex(16)}"
+        return cls(marker, f"{marker}-unsubscribe@@", f"{marker}-manage@@")
 
 
 def _qp_lines(text: str, placeholder: str) -> list[tuple[bool, bytes | str]]:
-    """TEXT's lines quoted-printable encoded, except those holding PLACEHOLDER (when not empty).
+    """TEXT's lines quoted-printable encoded, except those holding PLACEHOLDER (when not empty): a
+    RecipientLinks marker.
 
     Quoted-printable works line by line, so a body is encoded once per post and only the lines with a
     per-recipient link are encoded again for each message.
@@ -109,12 +128,17 @@ def _qp_line(line: str) -> bytes:
     return binascii.b2a_qp(line.encode("utf-8") + b"\r\n", istext=True)
 
 
-def _fill(parts: list[tuple[bool, bytes | str]], placeholder: str, unsubscribe_url: str | None) -> bytes:
+def _fill(parts: list[tuple[bool, bytes | str]], links: RecipientLinks | None, filled: dict[str, str]) -> bytes:
+    """The encoded body with each recipient link of LINKS replaced by its value in FILLED ("" when absent)."""
+
+    def line(text: str) -> bytes:
+        assert links is not None  # a line is per-recipient only when the template has links
+        for name in ("unsubscribe", "manage"):
+            text = text.replace(getattr(links, name), filled.get(name, ""))
+        return _qp_line(text)
+
     # A part is the line itself (str) exactly when it is per-recipient, else its encoding (bytes): see _qp_lines.
-    return b"".join(
-        _qp_line(cast(str, part).replace(placeholder, unsubscribe_url or "")) if per_recipient else cast(bytes, part)
-        for per_recipient, part in parts
-    )
+    return b"".join(line(cast(str, part)) if per_recipient else cast(bytes, part) for per_recipient, part in parts)
 
 
 @dataclass(frozen=True)
@@ -127,10 +151,13 @@ class MessageTemplate:
     text: list[tuple[bool, bytes | str]]
     html: list[tuple[bool, bytes | str]]
     boundary: str
-    placeholder: str
+    links: RecipientLinks | None
 
-    def render(self, recipient: str, message_id: str, unsubscribe_url: str | None = None) -> bytes:
+    def render(
+        self, recipient: str, message_id: str, unsubscribe_url: str | None = None, manage_url: str | None = None
+    ) -> bytes:
         head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
+        filled = {"unsubscribe": unsubscribe_url or "", "manage": manage_url or ""}
         if unsubscribe_url is not None:
             head += [
                 _header("List-Unsubscribe", f"<{unsubscribe_url}>"),
@@ -146,11 +173,11 @@ class MessageTemplate:
                 b"--",
                 b,
                 b'\r\nContent-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
-                _fill(self.text, self.placeholder, unsubscribe_url),
+                _fill(self.text, self.links, filled),
                 b"--",
                 b,
                 b'\r\nContent-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
-                _fill(self.html, self.placeholder, unsubscribe_url),
+                _fill(self.html, self.links, filled),
                 b"--",
                 b,
                 b"--\r\n",
@@ -162,9 +189,14 @@ class MessageTemplate:
 
 
 def message_template(
-    config: Config, subject: str, text: str, html: str, extra_headers: bytes = b"", placeholder: str = ""
+    config: Config,
+    subject: str,
+    text: str,
+    html: str,
+    extra_headers: bytes = b"",
+    links: RecipientLinks | None = None,
 ) -> MessageTemplate:
-    """An email with its bodies encoded; PLACEHOLDER marks where each recipient's unsubscribe link goes."""
+    """An email with its bodies encoded; LINKS mark where each recipient's own links go."""
     sender = config.from_address
     sender_name = f"{_phrase(sender.display_name)} " if sender.display_name else ""
     head = b"".join(
@@ -179,24 +211,57 @@ def message_template(
         sender=sender.addr_spec,
         domain=sender.domain,
         head=head + extra_headers,
-        text=_qp_lines(text, placeholder),
-        html=_qp_lines(html, placeholder),
+        text=_qp_lines(text, links.marker if links else ""),
+        html=_qp_lines(html, links.marker if links else ""),
         boundary="=_" + secrets.token_hex(12),
-        placeholder=placeholder,
+        links=links,
     )
 
 
 def notification_template(config: Config, render: Render, post: PostLike) -> MessageTemplate:
     """The new-post email for every recipient; fill in with render(to, message_id, unsubscribe_url)."""
-    placeholder = unsubscribe_placeholder()
-    context = {"post": post, "unsubscribe_url": placeholder}
+    links = RecipientLinks.new()
+    context = {
+        "post": post,
+        "unsubscribe_url": links.unsubscribe,
+        "manage_url": links.manage,
+        "archive_url": f"{config.base_url}/archive/{post.id}" if config.site.archive else None,
+    }
     return message_template(
         config,
         post.title,
         render("email/notification.txt", **context),
         render("email/notification.html", **context),
         _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
-        placeholder,
+        links,
+    )
+
+
+DIGEST_NAMES = {"daily": "Daily digest", "weekly": "Weekly digest", "instant": "Posts you missed"}
+
+
+def digest_template(config: Config, render: Render, frequency: str, posts: Sequence[DatedPostLike]) -> MessageTemplate:
+    """A digest of POSTS (oldest first) for every reader who gets the same ones, filled in like a notification."""
+    links = RecipientLinks.new()
+    name = DIGEST_NAMES[frequency]
+    subject = f"{name} from {config.site.name}: {posts[0].title}"
+    if len(posts) > 1:
+        subject += f" and {len(posts) - 1} more"
+    context = {
+        "posts": posts,
+        "digest_name": name,
+        "frequency": frequency,
+        "unsubscribe_url": links.unsubscribe,
+        "manage_url": links.manage,
+        "archive_url": f"{config.base_url}/archive" if config.site.archive else None,
+    }
+    return message_template(
+        config,
+        subject,
+        render("email/digest.txt", **context),
+        render("email/digest.html", **context),
+        _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
+        links,
     )
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -84,6 +85,8 @@ class Subscriber(Base):
     pending_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     pending_ip: Mapped[str | None] = mapped_column(String(64))
     pending_user_agent: Mapped[str | None] = mapped_column(String(512))
+    frequency: Mapped[str] = mapped_column(String(8), server_default=text("'instant'"))  # config.FREQUENCIES
+    digest_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the digest period last served
 
     __table_args__ = (
         Index("ix_subscribers_status", "status"),
@@ -91,6 +94,25 @@ class Subscriber(Base):
         Index("ix_subscribers_pending_at", "pending_at"),
         {"sqlite_autoincrement": True},
     )
+
+
+class Erased(Base):
+    """An address erased at its reader's request: only a keyed hash (manage.erased_key), so that nobody can
+    read the address back, and an import cannot add it again unknowingly."""
+
+    __tablename__ = "erased"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SubscriberCategory(Base):
+    """A category a reader chose; a reader with none gets every post."""
+
+    __tablename__ = "subscriber_categories"
+
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True)
+    category: Mapped[str] = mapped_column(String(200), primary_key=True)  # casefolded: categories.key()
 
 
 class Post(Base):
@@ -107,6 +129,7 @@ class Post(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     announced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     message_seed: Mapped[str | None] = mapped_column(String(32))
+    categories: Mapped[list[str] | None] = mapped_column(JSON, default=list)  # as the feed entry names them
 
     @property
     def announced(self) -> bool:
@@ -119,6 +142,8 @@ class DeliveryStatus(str, enum.Enum):
     SENT = "sent"
     FAILED = "failed"
     SKIPPED = "skipped"
+    WAITING = "waiting"  # for the reader's next digest
+    DIGESTED = "digested"  # in digest `digest_id`, which has its own status
 
 
 class Delivery(Base):
@@ -141,6 +166,7 @@ class Delivery(Base):
     error: Mapped[str | None] = mapped_column(String(1024))
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claimed_by: Mapped[int | None] = mapped_column(BigInteger)
+    digest_id: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         UniqueConstraint("post_id", "subscriber_id", name="uq_deliveries_post_subscriber"),
@@ -158,6 +184,51 @@ class Delivery(Base):
             postgresql_where=text("status = 'sending'"),
         ),
         Index("ix_deliveries_subscriber", "subscriber_id"),
+        Index(
+            "ix_deliveries_waiting",
+            "subscriber_id",
+            sqlite_where=text("status = 'waiting'"),
+            postgresql_where=text("status = 'waiting'"),
+        ),
+        Index("ix_deliveries_digest", "digest_id"),
+    )
+
+
+class Digest(Base):
+    """One daily or weekly email to one reader, of the posts that waited for it (deliveries.digest_id).
+
+    Sent like a delivery: pending -> sending -> sent or failed. `contents` is the frequency and the post
+    ids, so readers with the same posts share one rendering.
+    """
+
+    __tablename__ = "digests"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(Integer)
+    period: Mapped[datetime] = mapped_column(UTCDateTime)
+    contents: Mapped[str] = mapped_column(Text)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Enum(DeliveryStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=DeliveryStatus.PENDING,
+    )
+    error: Mapped[str | None] = mapped_column(String(1024))
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        UniqueConstraint("subscriber_id", "period", name="uq_digests_subscriber_period"),
+        Index(
+            "ix_digests_pending",
+            "id",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_digests_sending",
+            "claimed_by",
+            sqlite_where=text("status = 'sending'"),
+            postgresql_where=text("status = 'sending'"),
+        ),
     )
 
 
@@ -230,5 +301,8 @@ class Confirmation(Base):
 SUBSCRIBERS = cast(Table, Subscriber.__table__)
 DELIVERIES = cast(Table, Delivery.__table__)
 SIGNUPS = cast(Table, Signup.__table__)
+DIGESTS = cast(Table, Digest.__table__)
+SUBSCRIBER_CATEGORIES = cast(Table, SubscriberCategory.__table__)
+ERASED = cast(Table, Erased.__table__)
 OUTBOX = cast(Table, OutboxMessage.__table__)
 CONFIRMATIONS = cast(Table, Confirmation.__table__)

@@ -95,8 +95,6 @@ def preview(nl: Newsletter, fetch: bool) -> Preview:
                 first_fetch = len(fresh)
             else:
                 titles += [e.title for e in fresh]
-        recipients = (
-            session.scalar(select(func.count()).select_from(Subscriber).where(Subscriber.status == Status.CONFIRMED))
-            or 0
-        )
+        on_instant = (Subscriber.status == Status.CONFIRMED, Subscriber.frequency == "instant")
+        recipients = session.scalar(select(func.count()).select_from(Subscriber).where(*on_instant)) or 0
     return Preview(titles, first_fetch, recipients)

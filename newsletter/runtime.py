@@ -70,6 +70,9 @@ class Newsletter:
     def unsubscribe_url(self, subscriber_id: int) -> str:
         return f"{self.config.base_url}/unsubscribe/{self.tokens.unsubscribe_token(subscriber_id)}"
 
+    def manage_url(self, subscriber_id: int) -> str:
+        return f"{self.config.base_url}/manage/{self.tokens.manage_token(subscriber_id)}"
+
     def smtp_connection(self) -> SMTPConnection:
         smtp = self.config.smtp
         return SMTPConnection(

@@ -39,6 +39,7 @@ ALLOWED_TAGS = {
 }
 ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "img": {"src", "alt", "width", "height"}, "abbr": {"title"}}
 BLOCKS = {"p", "div", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "figure", "hr", "table"}
+_TAG = re.compile(r"<[^>]*>")
 
 
 def clean_html(fragment: str, base_url: str | None = None) -> str:
@@ -100,6 +101,17 @@ def html_to_text(fragment: str) -> str:
     text = re.sub(r"[ \t]+", " ", "".join(writer.parts))
     text = re.sub(r" *\n *", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def html_to_line(fragment: str) -> str:
+    """The text a reader sees for an HTML title, on one line.
+
+    Entities are decoded twice: feeds that escape their titles once too often (`&amp;amp;`, `&amp;#8217;`)
+    are common, and a title rarely means an entity's name literally.
+    """
+    marked = nh3.clean(fragment, tags=BLOCKS | {"br", "li"}, attributes={})
+    text = htmllib.unescape(htmllib.unescape(_TAG.sub(" ", marked)))
+    return " ".join(text.split())
 
 
 def plain_to_html(text: str) -> str:

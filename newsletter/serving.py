@@ -16,7 +16,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +45,46 @@ def serve(
     threads: int,
     background: Callable[[threading.Event], None] | None = None,
     after_fork: Callable[[], None] | None = None,
+    error_headers: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Serve APP on SOCK until interrupted, from PROCESSES forked processes or, with 1, from this one.
 
     BACKGROUND (such as the worker) runs beside the web, in a process or a thread of its own; it is given
-    an event that is set when it should stop.
+    an event that is set when it should stop. ERROR_HEADERS go on the error responses waitress writes itself.
     """
     stop = threading.Event()
     if processes > 1:
         job = (lambda: background(stop)) if background is not None else None
-        serve_forked(app, sock, processes, threads, background=job, after_fork=after_fork)
+        serve_forked(app, sock, processes, threads, background=job, after_fork=after_fork, error_headers=error_headers)
         return
-    from waitress import serve as waitress_serve
-
     if background is not None:
         threading.Thread(target=background, args=(stop,), name="worker", daemon=True).start()
     try:
-        waitress_serve(app, sockets=[sock], threads=threads, _quiet=True, **WAITRESS_OPTIONS)
+        waitress_server(app, sock, threads, error_headers).run()
     finally:
         stop.set()
+
+
+def waitress_server(
+    app: Callable, sock: socket.socket, threads: int, error_headers: Sequence[tuple[str, str]] = ()
+) -> Any:
+    """A waitress server for APP on SOCK whose own error responses (a malformed request, say, which never
+    reaches APP) carry ERROR_HEADERS."""
+    from waitress.channel import HTTPChannel
+    from waitress.server import create_server
+    from waitress.task import ErrorTask
+
+    class Task(ErrorTask):
+        def execute(self) -> None:
+            self.response_headers.extend(error_headers)
+            super().execute()
+
+    class Channel(HTTPChannel):
+        error_task_class = Task
+
+    server = create_server(app, sockets=[sock], threads=threads, **WAITRESS_OPTIONS)
+    server.channel_class = Channel
+    return server
 
 
 def serve_forked(
@@ -72,16 +94,16 @@ def serve_forked(
     threads: int,
     background: Callable[[], None] | None = None,
     after_fork: Callable[[], None] | None = None,
+    error_headers: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Serve APP on SOCK from PROCESSES child processes until interrupted.
 
     AFTER_FORK runs first in every child (for example to drop inherited database connections). Fork
     before any thread starts: a child inherits only the forking thread, and locks held by others stay held.
     """
-    from waitress import serve as waitress_serve
 
     def web() -> None:
-        waitress_serve(app, sockets=[sock], threads=threads, _quiet=True, **WAITRESS_OPTIONS)
+        waitress_server(app, sock, threads, error_headers).run()
 
     jobs: dict[str, Callable[[], None]] = {f"web process {n}": web for n in range(1, processes + 1)}
     if background is not None:

@@ -36,6 +36,13 @@ class SignupLog:
         )
         columns = ["email", "ip", "client", "network", "user_agent", "received_at"]
         self._add = db.DriverStatement(engine, insert(SIGNUPS).from_select(columns, values.where(limit.admits())))
+        done = select(*values.selected_columns, bindparam("now", type_=Float())).where(limit.admits())
+        self._note = db.DriverStatement(engine, insert(SIGNUPS).from_select([*columns, "processed_at"], done))
+
+    def note_request(self, requester: Requester) -> float | None:
+        """Count a request for a manage link against the client's [web] rate_limit, as a sign-up would be
+        (the row is marked processed: the worker has nothing to do with it). Returns like add()."""
+        return self._insert(self._note, "", requester)
 
     def add(self, address: str, requester: Requester) -> float | None:
         """Add a sign-up for an address that passed subscriptions.normalize, within [web] rate_limit.
@@ -43,10 +50,13 @@ class SignupLog:
         Returns None once the sign-up is committed; else, with nothing stored, the seconds until this
         client may sign up again.
         """
+        return self._insert(self._add, address, requester)
+
+    def _insert(self, statement: db.DriverStatement, address: str, requester: Requester) -> float | None:
         ip, now = clean_field(requester.ip, 64) or "", time.time()
         client, user_agent = client_of(ip), clean_field(requester.user_agent, 512)
         values = {"email": address, "ip": ip, "client": client, "network": network_of(ip), "user_agent": user_agent}
-        if self._writes.execute(self._add, now=now, **values):
+        if self._writes.execute(statement, now=now, **values):
             return None
         with self.engine.connect() as conn:
             return self.limit.wait(conn, client, now)

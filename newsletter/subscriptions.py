@@ -14,6 +14,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import db
+from .config import FREQUENCIES
 from .messages import single_message
 from .models import CONFIRMATIONS, OUTBOX, SUBSCRIBERS, Status, Subscriber, utcnow
 from .ratelimit import SignupCeiling, network_of
@@ -151,6 +152,7 @@ def subscribe(
             email_key=key,
             email_ascii=validated.ascii_email or validated.normalized,
             created_at=now,
+            frequency=nl.config.digest.default_frequency,
             **seen,
         )
         .on_conflict_do_nothing(index_elements=[SUBSCRIBERS.c.email_key])
@@ -213,7 +215,22 @@ def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester:
         "welcome",
         f"You're subscribed to {nl.config.site.name}",
         unsubscribe_url=nl.unsubscribe_url(subscriber.id),
+        manage_url=nl.manage_url(subscriber.id),
+        frequency=subscriber.frequency,
     )
+
+
+def set_frequency(subscriber: Subscriber, frequency: str) -> bool:
+    """The reader chose instant, daily or weekly email; returns whether it changed.
+
+    Posts already waiting for a digest stay waiting: they go in the next digest of the new frequency, or at
+    once (one email of them) when the reader is back on instant email. Nothing is lost or sent twice.
+    """
+    if frequency not in FREQUENCIES:
+        raise ValueError(f"frequency must be one of {', '.join(FREQUENCIES)}, not {frequency!r}")
+    changed = subscriber.frequency != frequency
+    subscriber.frequency = frequency
+    return changed
 
 
 def unsubscribe(subscriber: Subscriber, requester: Requester) -> bool:

@@ -11,6 +11,9 @@ from itsdangerous.encoding import base64_encode
 CONFIRM_SALT = "newsletter.confirm.v1"
 UNSUBSCRIBE_SALT = "newsletter.unsubscribe.v1"
 FORM_SALT = "newsletter.form.v1"
+MANAGE_SALT = "newsletter.manage.v1"  # the manage link in every email: it works as long as the reader is listed
+MANAGE_LINK_SALT = "newsletter.manage-link.v1"  # the one /manage emails on request: it expires
+MANAGE_LINK_MAX_AGE = 24 * 3600
 
 
 class InvalidToken(Exception):
@@ -34,6 +37,9 @@ class Tokens:
         self._unsubscribe = URLSafeSerializer(secret_keys, salt=UNSUBSCRIBE_SALT)
         self._unsubscribe_signer = self._unsubscribe.make_signer()
         self._form = TimestampSigner(secret_keys, salt=FORM_SALT)
+        self._manage = URLSafeSerializer(secret_keys, salt=MANAGE_SALT)
+        self._manage_signer = self._manage.make_signer()
+        self._manage_link = URLSafeTimedSerializer(secret_keys, salt=MANAGE_LINK_SALT)
         self._max_age = confirm_max_age_seconds
 
     def confirm_token(self, subscriber_id: int, nonce: str) -> str:
@@ -68,10 +74,36 @@ class Tokens:
         return self._unsubscribe_signer.sign(base64_encode(str(int(subscriber_id)).encode())).decode()
 
     def read_unsubscribe_token(self, token: str) -> int:
+        return _subscriber_id(self._unsubscribe, token)
+
+    def manage_token(self, subscriber_id: int) -> str:
+        """The manage link's token in every email; made like unsubscribe_token."""
+        return self._manage_signer.sign(base64_encode(str(int(subscriber_id)).encode())).decode()
+
+    def manage_link_token(self, subscriber_id: int) -> str:
+        """The token of the manage link that /manage emails on request; it expires after a day."""
+        return self._manage_link.dumps(int(subscriber_id))
+
+    def read_manage_token(self, token: str) -> int:
+        """The subscriber of either kind of manage token; ExpiredToken for a requested link over a day old."""
         try:
-            subscriber_id = self._unsubscribe.loads(token)
-        except (BadSignature, ValueError, TypeError):
-            raise InvalidToken from None
-        if not isinstance(subscriber_id, int) or isinstance(subscriber_id, bool):
-            raise InvalidToken
-        return subscriber_id
+            return _subscriber_id(self._manage, token)
+        except InvalidToken:
+            return _subscriber_id(self._manage_link, token, max_age=MANAGE_LINK_MAX_AGE)
+
+
+def _subscriber_id(
+    serializer: URLSafeSerializer | URLSafeTimedSerializer, token: str, max_age: int | None = None
+) -> int:
+    try:
+        if isinstance(serializer, URLSafeTimedSerializer):
+            subscriber_id = serializer.loads(token, max_age=max_age)
+        else:
+            subscriber_id = serializer.loads(token)
+    except SignatureExpired:
+        raise ExpiredToken from None
+    except (BadSignature, ValueError, TypeError):
+        raise InvalidToken from None
+    if not isinstance(subscriber_id, int) or isinstance(subscriber_id, bool):
+        raise InvalidToken
+    return subscriber_id

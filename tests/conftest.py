@@ -8,12 +8,15 @@ import shutil
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from http.cookiejar import Cookie, DefaultCookiePolicy
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -21,12 +24,14 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner, Result
 from flask import Flask
 from itsdangerous import TimestampSigner
+from requests.cookies import RequestsCookieJar
 from sqlalchemy import create_engine, text
 from waitress.server import create_server
 
 from newsletter import db
 from newsletter.cli import cli
 from newsletter.config import load_config
+from newsletter.mailer import MemoryTransport
 from newsletter.runtime import Newsletter
 from newsletter.serving import WAITRESS_OPTIONS
 from newsletter.signups import process_signups
@@ -202,6 +207,27 @@ def form_data(nl: Newsletter, address: str, opened_ago: float = 30, **fields: st
     return {"email": address, "started": signer.sign("form").decode(), "website": "", **fields}
 
 
+class LoopbackIsSecure(DefaultCookiePolicy):
+    """As browsers do, send `Secure` cookies to http://localhost and 127.0.0.1: those are secure contexts."""
+
+    def return_ok_secure(self, cookie: Cookie, request: urllib.request.Request) -> bool:
+        loopback = urlsplit(request.get_full_url()).hostname in ("localhost", "127.0.0.1", "::1")
+        return loopback or super().return_ok_secure(cookie, request)
+
+
+class Browser(requests.Session):
+    """A session whose cookies follow LoopbackIsSecure (requests builds each request's cookie jar afresh, with
+    the default policy)."""
+
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        prepared = super().prepare_request(request)
+        jar = RequestsCookieJar(policy=LoopbackIsSecure())
+        jar.update(self.cookies)
+        prepared.headers.pop("Cookie", None)
+        prepared.prepare_cookies(jar)
+        return prepared
+
+
 class Site:
     """The app served by waitress on a real port, with helpers a test reads like a user's session."""
 
@@ -221,15 +247,24 @@ class Site:
             self.url(path) if path.startswith("http") else self.base + path, timeout=10, allow_redirects=False, **kwargs
         )
 
-    def press(self, link: str, times: int = 1) -> requests.Response:
-        """Open LINK like a browser and press the button on its page (a form with a CSRF token) TIMES times."""
-        browser = requests.Session()
-        page = browser.get(self.url(link), timeout=10)
-        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        url = self.url(path) if path.startswith("http") else self.base + path
+        return requests.request(method, url, timeout=10, allow_redirects=False, **kwargs)
+
+    def press(
+        self, link: str, times: int = 1, data: dict[str, object] | None = None, page: str | None = None
+    ) -> requests.Response:
+        """Open PAGE (default: LINK) like a browser and press a button on it that posts DATA with the page's
+        CSRF token to LINK, TIMES times."""
+        browser = Browser()
+        opened = browser.get(
+            self.url(page or link) if (page or link).startswith("http") else self.base + (page or link)
+        )
+        token = re.search(r'name="csrf_token" value="([^"]+)"', opened.text)
+        fields = {**(data or {}), **({"csrf_token": token.group(1)} if token else {})}
+        target = self.url(link) if link.startswith("http") else self.base + link
         for _ in range(times):
-            response = browser.post(
-                self.url(link), data={"csrf_token": token.group(1)} if token else {}, timeout=10, allow_redirects=False
-            )
+            response = browser.post(target, data=fields, timeout=10, allow_redirects=False)
         return response
 
     def form(self, address: str, opened_ago: float = 30, **fields: str) -> dict[str, str]:
@@ -277,3 +312,11 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def memory(nl: Newsletter) -> MemoryTransport:
+    """The in-memory transport in place of SMTP, for tests of the engine itself."""
+    transport = MemoryTransport()
+    nl.transport_factory = lambda: transport
+    return transport

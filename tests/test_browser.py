@@ -8,6 +8,7 @@ Screenshots of every page, at a phone and a desktop width, go to test-artifacts/
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -34,20 +35,29 @@ LAUNCH_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
+PHONE = WIDTHS[0]
+WIDE_PHOTO = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="1200" height="600" viewBox="0 0 1200 600">'
+    '<rect width="1200" height="600" fill="#9cc3e6"/><rect y="420" width="1200" height="180" fill="#35516e"/>'
+    '<rect x="180" y="150" width="40" height="270" fill="#d9822b"/><rect x="180" y="150" width="520" height="30" '
+    'fill="#d9822b"/></svg>'
+)
 ACCENT = "rgb(31, 95, 191)"  # style.css --accent: proves the stylesheet loaded under the page's CSP
 
 
 class HostSite:
-    """Someone's web site on another loopback port (another origin) that serves one page, set by the test."""
+    """Someone's web site on another loopback port (another origin) that serves one page and any files the
+    test sets."""
 
     def __init__(self) -> None:
         site = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = site.html.encode()
+                kind, text = site.files.get(self.path, ("text/html; charset=utf-8", site.html))
+                body = text.encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -56,6 +66,7 @@ class HostSite:
                 pass
 
         self.html = ""
+        self.files: dict[str, tuple[str, str]] = {}  # other paths: content type and text
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.origin = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -224,6 +235,8 @@ def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, ru
     link = confirm_link(confirmation)
     assert page.goto(site.url(link)).status == 200
     assert heading(page) == "Confirm your subscription"
+    [cookie] = page.context.cookies(site.base)  # base_url is https: Secure, which Chromium keeps for 127.0.0.1
+    assert cookie["secure"] and cookie["httpOnly"]
     assert subscriber(site.nl, "ada@example.com").status == Status.UNCONFIRMED  # opening the link is not enough
     shoot(page, "04-confirm")
 
@@ -302,5 +315,64 @@ def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(
     site.record_signups()
     with site.nl.sessions() as session:
         assert session.scalars(select(Subscriber.email)).all() == ["fan@example.com"]
+
+    assert page.problems == []
+
+
+def test_a_wide_feed_image_fits_the_notification_on_a_phone(site, smtp, run, feed, page, blog) -> None:
+    blog.files["/crane.svg"] = ("image/svg+xml", WIDE_PHOTO)
+    assert run("posts", "fetch").exit_code == 0
+    assert run("subscribers", "add", "ada@example.com", "--confirmed").exit_code == 0
+    summary = (
+        "<p>The new crane came in on Monday's tide.</p>"
+        f'<p><img src="{blog.origin}/crane.svg" width="1200" height="600" alt="The crane on the quay"></p>'
+        "<p>It is longer than the quay is wide.</p>"
+    )
+    publish(feed, "The new crane", "the-new-crane", summary=summary)
+    sent = run("send")
+    assert sent.exit_code == 0 and "1 sent, 0 failed" in sent.output, sent.output
+    [notification] = [m for m in smtp.to("ada@example.com") if m.message["Subject"] == "The new crane"]
+    [img] = re.findall(r"<img [^>]*>", notification.html)
+    assert f'src="{blog.origin}/crane.svg"' in img and 'width="1200"' in img  # the feed's size reaches the email
+
+    page.set_viewport_size({"width": PHONE, "height": 800})
+    page.set_content(notification.html, wait_until="load")
+    image = page.get_by_role("img", name="The crane on the quay")
+    assert image.evaluate("i => i.naturalWidth") == 1200  # the image loaded, at its full size
+    column = image.evaluate("i => i.parentElement.getBoundingClientRect().width")
+    box = image.bounding_box()
+    assert box is not None and 0 < box["width"] <= column < PHONE
+    assert abs(box["height"] - box["width"] / 2) <= 1  # scaled down, not squeezed
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE
+    shoot(page, "09-notification-wide-image")
+
+    assert page.problems == []
+
+
+def test_from_a_notification_to_the_manage_page_and_weekly_in_a_browser(site, smtp, run, feed, page) -> None:
+    """notification -> Manage your subscription -> weekly, one category -> Save: the page says what changed."""
+    assert run("posts", "fetch").exit_code == 0
+    assert run("subscribers", "add", "ada@example.com", "--confirmed").exit_code == 0
+    publish(feed, "Ice on the quay", "ice-on-the-quay")
+    assert run("send").exit_code == 0
+    [notification] = smtp.to("ada@example.com")
+    link = next(url for url in notification.links() if "/manage/" in url)
+    assert "Manage your subscription</a>" in notification.html
+
+    assert page.goto(site.url(link)).status == 200
+    assert heading(page) == "Your subscription"
+    assert page.get_by_label("An email for each new post").is_checked()
+    assert subscriber(site.nl, "ada@example.com").frequency == "instant"  # opening the page changes nothing
+    shoot(page, "10-manage")
+
+    page.get_by_label("A weekly digest").check()
+    page.get_by_label("Markets").check()
+    saved = submit(page, "Save", site.url(link))
+    assert saved.status == 200 and heading(page) == "Your subscription"
+    status = page.get_by_role("status").inner_text()
+    assert "You now get a weekly digest." in status and "You now get posts about Markets." in status
+    assert page.get_by_label("A weekly digest").is_checked() and page.get_by_label("Markets").is_checked()
+    assert subscriber(site.nl, "ada@example.com").frequency == "weekly"
+    shoot(page, "11-manage-saved")
 
     assert page.problems == []

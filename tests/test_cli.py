@@ -180,8 +180,8 @@ def test_import_reports_what_it_imported_and_why_it_skipped_rows(nl, run: Run, t
         "ken@example.com,unconfirmed\n",
         encoding="utf-8",
     )
-    lines = ok(run("subscribers", "import", str(readers))).splitlines()
-    assert lines[0] == "imported 3, skipped 3"
+    lines = ok(run("subscribers", "import", "--verbose", str(readers))).splitlines()
+    assert lines[0] == "imported 3; already there 1; refused 2"
     reasons = [line.strip() for line in lines[1:]]
     assert len(reasons) == 3
     assert reasons[0].startswith("line 4: 'not-an-address'") and "@" in reasons[0]
@@ -208,7 +208,7 @@ def test_import_ignores_an_unnamed_extra_field(nl, config_file: Path, tmp_path: 
     result = newsletter(config_file, "subscribers", "import", str(readers))
     assert "Traceback" not in result.stderr
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "imported 3, skipped 0"
+    assert result.stdout.strip() == "imported 3; already there 0; refused 0"
     assert newsletter(config_file, "subscribers", "list").stdout.split()[::3] == [
         "ada@example.com",
         "grace@example.com",
@@ -293,7 +293,9 @@ def test_export_writes_no_formula_and_import_reads_it_back(nl, run: Run, tmp_pat
     for address in addresses:
         run("subscribers", "remove", "--", address)
     (tmp_path / "export.csv").write_text(exported, encoding="utf-8")
-    assert ok(run("subscribers", "import", str(tmp_path / "export.csv"))).startswith("imported 4, skipped 0")
+    assert ok(run("subscribers", "import", str(tmp_path / "export.csv"))).startswith(
+        "imported 4; already there 0; refused 0"
+    )
     assert listed(run) == addresses
 
 
@@ -301,8 +303,8 @@ def test_import_refuses_an_ip_column_that_is_not_an_ip(nl, run: Run, tmp_path: P
     (tmp_path / "readers.csv").write_text(
         'email,subscribed_ip\nok@example.com,2001:db8::1\nbad@example.com,"=HYPERLINK(""https://x.example"")"\n'
     )
-    lines = ok(run("subscribers", "import", str(tmp_path / "readers.csv"))).splitlines()
-    assert lines[0] == "imported 1, skipped 1"
+    lines = ok(run("subscribers", "import", "--verbose", str(tmp_path / "readers.csv"))).splitlines()
+    assert lines[0] == "imported 1; already there 0; refused 1"
     assert (
         "  line 3: 'bad@example.com': subscribed_ip '=HYPERLINK(\"https://x.example\")' is not an IP address" in lines
     )
@@ -336,7 +338,7 @@ def test_export_round_trips_into_a_fresh_database(
     dump.write_text(ok(run("subscribers", "export")), encoding="utf-8")
 
     other = second_install(config_file, tmp_path)
-    assert ok(other("subscribers", "import", str(dump))).strip() == "imported 4, skipped 0"
+    assert ok(other("subscribers", "import", str(dump))).strip() == "imported 4; already there 0; refused 0"
     assert exported(other) == before  # addresses, statuses and the consent record, column for column
     assert listed(other, "--status", "confirmed") == ["web@example.com", "Ada@example.com"]
 
@@ -544,13 +546,14 @@ def test_scripts_and_handlers_in_a_feed_never_reach_the_email(nl, smtp, run: Run
             "alert(",
             "onclick",
             "steal()",
-            "<style",
             "display: none",
             "javascript:",
             "position:fixed",
         ):
             assert bad not in part, (bad, part)
         assert "Calm" in part and "seas" in part and "the tides" in part
+    assert "<style" not in note.text and note.html.count("<style") == 1  # only the email's own, in its head
+    assert note.html.index("<style") < note.html.index("</head>")
     assert '<a href="https://harbour-notes.example/tides/"' in note.html
     assert "the tides (https://harbour-notes.example/tides/)" in note.text
 

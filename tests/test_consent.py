@@ -46,7 +46,7 @@ def test_an_import_leaves_readers_who_left_as_they_are(site, smtp, run, feed, tm
     csv = tmp_path / "readers.csv"
     csv.write_text("email,status\ngone@example.com,confirmed\nDEAD@example.com,confirmed\nnew@example.com,\n")
     result = run("subscribers", "import", str(csv))
-    assert result.output.splitlines()[0] == "imported 1, skipped 2"
+    assert result.output.splitlines()[0] == "imported 1; already there 2; refused 0 (run with --verbose to list them)"
     assert subscriber(site.nl, "gone@example.com").status is Status.UNSUBSCRIBED
     assert subscriber(site.nl, "dead@example.com").status is Status.BOUNCED
 

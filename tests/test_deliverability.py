@@ -615,3 +615,19 @@ def test_check_reports_an_unusable_key(config_file: Path, tmp_path: Path) -> Non
 )
 def test_free_mail_domains(domain: str, free: bool) -> None:
     assert is_free_mail(domain) is free
+
+
+@pytest.mark.parametrize("extra_config", ['[digest]\ndefault_frequency = "daily"\nsend_hour = 0\n'])
+def test_a_digest_scores_low_and_keeps_list_unsubscribe_plain_spam1_msg14(smtp, run, feed, spamassassin) -> None:
+    """SPAM-1 and MSG-14 for the daily digest of two posts, one with a non-ASCII title."""
+    assert run("posts", "fetch").exit_code == 0
+    assert run("subscribers", "add", "reader@example.com", "--confirmed").exit_code == 0
+    publish(feed, TITLE, "quay-reopens", SUMMARY)
+    publish(feed, "Storm warning for the outer harbour", "storm-warning", SUMMARY)
+    result = run("send")
+    assert result.exit_code == 0 and "2 post(s), 1 digest(s): 1 sent" in result.output, result.output
+    [digest] = smtp.to("reader@example.com")
+    assert digest.message["Subject"].startswith("Daily digest from Harbour Notes: ")
+    assert digest.message["Subject"].endswith(" and 1 more") and TITLE in digest.text
+    assert_list_unsubscribe_plain(digest.raw)
+    assert_scores_low("daily digest", spamassassin(digest.raw))

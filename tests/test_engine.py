@@ -33,13 +33,6 @@ def refuse(prefix: str, reply: str, stage: str = "rcpt"):
     return decide
 
 
-@pytest.fixture
-def memory(nl: Newsletter) -> MemoryTransport:
-    transport = MemoryTransport()
-    nl.transport_factory = lambda: transport
-    return transport
-
-
 def readers(nl: Newsletter, *addresses: str) -> None:
     for address in addresses:
         roster.add_subscriber(nl, address, confirmed=True)

@@ -1240,7 +1240,9 @@ def test_subscribers_add(invoke, nl, address: str, confirmed: bool, separator: b
     TRIED["newsletter subscribers add"] += 1
     assert_clean_exit(result)
     after = snapshot(nl)
-    if result.exit_code == 0:
+    if not separator and address.startswith("-"):
+        assert after == before  # click reads it as an option (-h shows the help): nothing is added
+    elif result.exit_code == 0:
         assert well_formed(address), address
         assert key_of(address) in {key for _, key, _ in after.subscribers}
         assert result.output.startswith(("added ", "already there: ")) and result.output.count("\n") == 1
@@ -1332,12 +1334,12 @@ def test_subscribers_import(invoke, nl, tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "readers.csv"
     path.write_bytes(content)
     before = snapshot(nl)
-    result = invoke("subscribers", "import", str(path))
+    result = invoke("subscribers", "import", "--verbose", str(path))
     TRIED["newsletter subscribers import"] += 1
     assert_clean_exit(result)
     after = snapshot(nl)
     if result.exit_code == 0:
-        imported = int(re.match(r"imported (\d+), skipped (\d+)", result.output).group(1))
+        imported = int(re.match(r"imported ([\d,]+); already there", result.output).group(1).replace(",", ""))
         assert len(after.subscribers) - len(before.subscribers) == imported
         assert all(well_formed(email) for _, email, _ in set(after.subscribers) - set(before.subscribers))
         assert all(line.startswith("  line ") for line in terminal_lines(result.output)[1:-1]), result.output
@@ -1712,7 +1714,7 @@ def test_import_dates_at_the_edge_of_time(invoke, nl, tmp_path: Path, when: str)
     """A date whose UTC equivalent falls before year 1 or after 9999 skips the line; no OverflowError."""
     path = tmp_path / "readers.csv"
     path.write_text(f"email,status,created_at\nold@example.com,confirmed,{when}\n", encoding="utf-8")
-    result = invoke("subscribers", "import", str(path))
+    result = invoke("subscribers", "import", "--verbose", str(path))
     TRIED["newsletter subscribers import"] += 1
     assert_clean_exit(result)
     assert "line 2" in result.output and count_rows(nl, Subscriber) == 0

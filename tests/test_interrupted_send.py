@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from sqlalchemy import update
+
+from newsletter.models import SUBSCRIBERS
 
 from .conftest import SMTPSink, publish, wait_for
 
@@ -130,5 +133,31 @@ def test_kill_9_midway_then_rerun_misses_nobody(readers, run, config_file, smtp_
     assert set(received) == set(readers)
     duplicated = sum(n - 1 for n in received.values())
     assert duplicated <= 2 * 10  # in flight at the kill: at most one batch (10) on each of 2 connections
+    if duplicated:
+        assert "possibly duplicated" in rerun.output
+
+
+@pytest.mark.parametrize("extra_config", ["[digest]\nsend_hour = 0\n"])
+def test_kill_9_during_the_digests_then_rerun_misses_nobody(readers, nl, run, config_file, smtp_port) -> None:
+    """The same for daily digests: they use the same ledger, so only the batches in flight may repeat."""
+    with nl.engine.begin() as conn:
+        conn.execute(update(SUBSCRIBERS).values(frequency="daily"))
+    sink = Slow()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        process = _send_process(config_file)
+        wait_for(lambda: len(sink.messages) >= 30, timeout=20)
+        process.kill()
+        process.communicate(timeout=20)
+        rerun = run("send")
+        assert rerun.exit_code == 0, rerun.output
+    finally:
+        controller.stop()
+    received = copies(sink)
+    assert set(received) == set(readers)
+    assert all(m.message["Subject"] == "Daily digest from Harbour Notes: Storm warning" for m in sink.messages)
+    duplicated = sum(n - 1 for n in received.values())
+    assert duplicated <= 2 * 10
     if duplicated:
         assert "possibly duplicated" in rerun.output

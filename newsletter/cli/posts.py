@@ -7,12 +7,12 @@ import time
 
 import click
 
-from .. import db, dispatch
+from .. import db, digests, dispatch
 from .. import posts as post_service
 from ..dispatch import SendReport
 from ..feeds import FeedError
 from ..mailer import MailerError, Outcome
-from ..models import Post
+from ..models import Post, utcnow
 from ..runtime import Newsletter
 from ..subscriptions import InvalidAddress, normalize
 from .base import Failure, State, pass_state, stop_exit_code
@@ -30,11 +30,11 @@ def posts() -> None:
     """
 
 
-def fetch_feed(nl: Newsletter, announce_existing: bool = False) -> list[Post]:
+def fetch_feed(nl: Newsletter, announce_existing: bool = False, outcome: str = "nothing was recorded") -> list[Post]:
     try:
         return post_service.fetch_feed(nl, announce_existing)
     except FeedError as exc:
-        raise Failure(str(exc)) from None
+        raise Failure(f"{exc}; {outcome}") from None
 
 
 @posts.command("fetch")
@@ -83,7 +83,7 @@ def posts_add(state: State, title: str, url: str, summary: str) -> None:
 @posts.command("list")
 @pass_state
 def posts_list(state: State) -> None:
-    """Show posts, newest first, and whether each was announced.
+    """Show posts, newest first, whether each was announced, and their categories.
 
     \b
     Example:
@@ -92,7 +92,8 @@ def posts_list(state: State) -> None:
     for post in post_service.all_posts(state.newsletter()):
         state_text = "announced" if post.announced else "sending" if post.queued_at else "new"
         date = post.published_at.strftime("%Y-%m-%d") if post.published_at else "          "
-        click.echo(f"{post.id:>5}  {date}  {state_text:<9}  {post.title}  <{post.url}>")
+        tags = f"  [{', '.join(post.categories)}]" if post.categories else ""
+        click.echo(f"{post.id:>5}  {date}  {state_text:<9}  {post.title}  <{post.url}>{tags}")
 
 
 @click.command()
@@ -100,16 +101,25 @@ def posts_list(state: State) -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send and record nothing.")
 @click.option("--to", "to_address", metavar="ADDRESS", help="Send a copy of the latest post to ADDRESS only.")
 @click.option(
+    "--digest",
+    type=click.Choice(["daily", "weekly"]),
+    help="With --to: send a sample daily or weekly digest (of the last day's or week's posts) instead.",
+)
+@click.option(
     "--retry-failed",
     is_flag=True,
     help="Send again what the SMTP server refused for good (and mark those readers confirmed again).",
 )
 @pass_state
-def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None, retry_failed: bool) -> None:
-    """Email every confirmed subscriber about each post not yet announced.
+def send(
+    state: State, no_fetch: bool, dry_run: bool, to_address: str | None, digest: str | None, retry_failed: bool
+) -> None:
+    """Email every confirmed subscriber about each post not yet announced: readers on instant email at
+    once, the others in the daily or weekly digests that are due ([digest] in the config).
 
-    Safe to run again at any time (cron): nobody gets a post twice, and an interrupted run is finished
-    by the next one. On PostgreSQL several senders can run at once and share the work.
+    Safe to run again at any time (cron, every 15 minutes): nobody gets a post twice, a digest goes out
+    once per day or week, and an interrupted run is finished by the next one. On PostgreSQL several
+    senders can run at once and share the work.
 
     \b
     Examples:
@@ -117,10 +127,13 @@ def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None, re
       1 post(s): 2 sent, 0 failed, 0 skipped, 0 left for the next run
       $ newsletter send --dry-run
       $ newsletter send --to me@example.com
+      $ newsletter send --to me@example.com --digest weekly
     """
     nl = state.newsletter()
+    if digest is not None and to_address is None:
+        raise Failure("--digest goes with --to ADDRESS: it sends a sample digest to that address")
     if to_address is not None:
-        _send_test_copy(nl, to_address, dry_run)
+        _send_test_copy(nl, to_address, dry_run, digest)
         return
     if dry_run:
         _dry_run(nl, no_fetch)
@@ -128,7 +141,7 @@ def send(state: State, no_fetch: bool, dry_run: bool, to_address: str | None, re
     try:
         with db.sender_lock(nl.engine) as sender_id:
             if not no_fetch:
-                fetch_feed(nl)
+                fetch_feed(nl, outcome="nothing was sent")
             if retry_failed:
                 click.echo(f"{dispatch.retry_failed(nl)} failed deliveries queued again")
             report = _send_with_progress(nl, sender_id)
@@ -157,14 +170,14 @@ def _send_with_progress(nl: Newsletter, sender_id: int) -> SendReport:
         elapsed = time.monotonic() - started[-1]
         return f"{bars[-1].pos / elapsed:,.0f}/s" if elapsed > 0 else ""
 
-    def on_post(post: Post, total: int) -> None:
+    def on_post(title: str, total: int) -> None:
         if bars:
             bars[-1].render_finish()
         started.append(time.monotonic())
         bars.append(
             click.progressbar(
                 length=total,
-                label=post.title[:40],
+                label=title[:40],
                 file=sys.stderr,
                 show_pos=True,
                 show_eta=True,
@@ -188,9 +201,13 @@ def _dry_run(nl: Newsletter, no_fetch: bool) -> None:
     for title in preview.titles:
         click.echo(f"would announce: {title}")
     click.echo(f"dry run: {len(preview.titles)} post(s) to {preview.recipients} confirmed subscriber(s); nothing sent")
+    due = digests.upcoming(nl, utcnow(), len(preview.titles)).readers
+    if due:
+        kinds = ", ".join(f"{count} {frequency}" for frequency, count in sorted(due.items()))
+        click.echo(f"dry run: digests due now: {kinds}; nothing sent")
 
 
-def _send_test_copy(nl: Newsletter, address: str, dry_run: bool = False) -> None:
+def _send_test_copy(nl: Newsletter, address: str, dry_run: bool = False, digest: str | None = None) -> None:
     try:
         recipient = normalize(address)
     except InvalidAddress as exc:
@@ -198,13 +215,19 @@ def _send_test_copy(nl: Newsletter, address: str, dry_run: bool = False) -> None
     post = post_service.latest_post(nl)
     if post is None:
         raise Failure("there are no posts yet; run `newsletter posts fetch` or `newsletter posts add`")
+    what = f"a sample {digest} digest" if digest else f'a copy of "{post.title}"'
     if dry_run:
-        click.echo(f'dry run: would send a copy of "{post.title}" to {recipient.normalized}; nothing sent')
+        click.echo(f"dry run: would send {what} to {recipient.normalized}; nothing sent")
         return
+    to = recipient.ascii_email or recipient.normalized
     try:
-        result = dispatch.send_copy(nl, post, recipient.ascii_email or recipient.normalized)
+        if digest:
+            result, posts = dispatch.send_sample_digest(nl, digest, to)
+            what += f" of {len(posts)} post(s)"
+        else:
+            result = dispatch.send_copy(nl, post, to)
     except MailerError as exc:
         raise Failure(f"SMTP server {nl.config.smtp.host}:{nl.config.smtp.port}: {exc}") from None
     if result.outcome is not Outcome.SENT:
         raise Failure(f"not sent: {result.reply}")
-    click.echo(f'sent a copy of "{post.title}" to {recipient.normalized} (nothing recorded)')
+    click.echo(f"sent {what} to {recipient.normalized} (nothing recorded)")

@@ -122,6 +122,8 @@ def _run_site(
     )
     if before:
         before()
+    from ..web.pages import security_headers
+
     try:
         serve_site(
             app,
@@ -130,6 +132,7 @@ def _run_site(
             threads,
             background=(lambda stop: run_worker(nl, stop)) if worker else None,
             after_fork=lambda: nl.engine.dispose(close=False),
+            error_headers=security_headers(nl.config),
         )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM in the single-process server: requests already answered are kept
         pass

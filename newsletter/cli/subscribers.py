@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
-from typing import TextIO
+import time
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
 from .. import roster
 from ..models import Status
 from ..subscriptions import InvalidAddress
-from .base import Failure, State, pass_state
+from .base import Failure, State, pass_state, stop_exit_code
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 
 @click.group()
@@ -89,26 +94,76 @@ def subscribers_remove(state: State, email: str) -> None:
 
 @subscribers.command("import")
 @click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@click.option("--verbose", "-v", is_flag=True, help="List every row not imported: its line and why.")
 @pass_state
-def subscribers_import(state: State, file: TextIO) -> None:
+def subscribers_import(state: State, file: TextIO, verbose: bool) -> None:
     """Import a CSV file: a column `email`, and optionally `status` and the consent columns of an export.
 
     Rows without status are imported as confirmed: import only people who agreed to get your posts.
-    Existing subscribers are left as they are (nobody who left is re-subscribed).
+    Existing subscribers are left as they are (nobody who left is re-subscribed). Rows are committed a
+    thousand at a time, so the sign-up form keeps working; an interrupted import keeps what it committed,
+    and running it again finishes it.
 
     \b
     Example:
       $ newsletter subscribers import readers.csv
-      imported 2, skipped 1
-        line 4: 'not-an-address': An email address must have an @-sign.
+      imported 2; already there 1; refused 1 (run with --verbose to list them)
     """
+    nl = state.newsletter()
+    bar = _ImportBar(os.path.basename(file.name)) if sys.stderr.isatty() else None
     try:
-        report = roster.import_csv(state.newsletter(), file)
+        report = roster.import_csv(nl, file, listed=verbose, progress=bar)
     except roster.ImportFileError as exc:
         raise Failure(str(exc)) from None
-    click.echo(f"imported {report.imported}, skipped {len(report.skipped)}")
-    for reason in report.skipped:
-        click.echo(f"  {reason}")
+    finally:
+        if bar is not None:
+            bar.finish()
+    click.echo(_import_summary(report, verbose))
+    for line, why in report.listed or []:
+        click.echo(f"  line {line}: {why}")
+    if report.stopped_by is not None:
+        sys.exit(stop_exit_code(report.stopped_by))
+
+
+def _import_summary(report: roster.ImportReport, verbose: bool) -> str:
+    line = f"imported {report.imported:,}; already there {report.already:,}; refused {report.refused:,}"
+    if (report.already or report.refused) and not verbose:
+        line += " (run with --verbose to list them)"
+    if report.stopped_by is not None:
+        line += "; interrupted: the rows imported so far are kept, run the same import again to finish"
+    return line
+
+
+class _ImportBar:
+    """The rows read so far on stderr, as `newsletter send` shows its progress; once the file's rows are known."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label[:40]
+        self.bar: ProgressBar[int] | None = None
+        self.started = 0.0
+
+    def __call__(self, report: roster.ImportReport) -> None:
+        if report.rows is None:
+            return
+        if self.bar is None:
+            self.started = time.monotonic()
+            self.bar = click.progressbar(
+                length=report.rows,
+                label=self.label,
+                file=sys.stderr,
+                show_pos=True,
+                show_eta=True,
+                item_show_func=self._rate,
+            )
+        self.bar.update(report.read - self.bar.pos)
+
+    def _rate(self, _item: object) -> str:
+        elapsed = time.monotonic() - self.started
+        return f"{self.bar.pos / elapsed:,.0f}/s" if self.bar is not None and elapsed > 0 else ""
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
 
 
 @subscribers.command("export")

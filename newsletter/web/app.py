@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from flask import Flask, Request, g, request
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
+from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import MapAdapter
 
 from ..config import Config
 from ..ratelimit import SignupLimit
@@ -12,7 +16,7 @@ from ..resources import resource_dir
 from ..runtime import Newsletter, template_loader
 from ..sanitize import html_to_text
 from ..signups import SignupLog
-from . import demo, health, pages, subscribe, unsubscribe
+from . import archive, demo, health, manage, pages, subscribe, unsubscribe
 from .context import csrf
 
 
@@ -20,11 +24,13 @@ def create_app(config: Config | Newsletter) -> Flask:
     """The web app of an installation: its configuration, or the Newsletter already built from it."""
     nl = config if isinstance(config, Newsletter) else Newsletter(config)
     config = nl.config
-    app = Flask(__name__, template_folder=str(resource_dir("templates")), static_folder=None)
+    app = _App(__name__, template_folder=str(resource_dir("templates")), static_folder=None)
     app.config.update(
         SECRET_KEY=config.security.secret_key,
         MAX_CONTENT_LENGTH=64 * 1024,
+        TRUSTED_HOSTS=[public_host(config.base_url), *LOOPBACK],
         SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SECURE=config.base_url.startswith("https://"),
         SESSION_COOKIE_SAMESITE="Lax",
         SECRET_KEY_FALLBACKS=config.security.secret_key_fallbacks,
         WTF_CSRF_CHECK_DEFAULT=False,
@@ -41,13 +47,46 @@ def create_app(config: Config | Newsletter) -> Flask:
     app.extensions["newsletter"] = nl
     app.extensions["newsletter.signups"] = SignupLog(nl.engine, SignupLimit(config.web.rate_limit))
     app.extensions["newsletter.pages"] = {}
-    for module in (pages, subscribe, unsubscribe, health):
+    for module in (pages, subscribe, unsubscribe, manage, archive, health):
         app.register_blueprint(module.bp)
     if config.demo:
         app.register_blueprint(demo.bp)
     pages.install_error_pages(app)
     app.teardown_appcontext(_close_session)
     return app
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+ANY_HOST_PATHS = frozenset({"/healthz"})
+
+
+def public_host(base_url: str) -> str:
+    """The host of BASE_URL as a Host header names it: lower case, without the port, IPv6 in brackets."""
+    host = urlsplit(base_url).hostname or ""
+    return f"[{host}]" if ":" in host else host
+
+
+class _App(Flask):
+    """Flask's TRUSTED_HOSTS answers 400 to a Host other than base_url's or a loopback name; this app still
+    gives such a request its error page, with links built for base_url. The health check answers whatever
+    the Host, since load balancers and container probes ask by IP address.
+    """
+
+    def create_url_adapter(self, request: Request | None) -> MapAdapter | None:
+        try:
+            return super().create_url_adapter(request)
+        except HTTPException:
+            if request is None:
+                raise
+            return self._another_host(request)
+
+    def _another_host(self, request: Request) -> MapAdapter:
+        base_url = self.extensions["newsletter"].config.base_url
+        if request.path not in ANY_HOST_PATHS:
+            request.routing_exception = BadRequest(
+                f"This site is at {base_url}/; the request was addressed to another host."
+            )
+        return self.url_map.bind_to_environ(request.environ, server_name=urlsplit(base_url).netloc, subdomain="")
 
 
 class _SessionInterface(SecureCookieSessionInterface):
@@ -59,8 +98,8 @@ class _SessionInterface(SecureCookieSessionInterface):
         return super().open_session(app, request)
 
     def get_cookie_secure(self, app: Flask) -> bool:
-        """Secure whenever the request came over HTTPS."""
-        return request.is_secure
+        """Secure whenever base_url is https, or the request came over HTTPS."""
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or request.is_secure
 
 
 def _close_session(_exc: BaseException | None) -> None:

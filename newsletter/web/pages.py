@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from ..config import Config
 from ..resources import resource_dir
 from .context import newsletter
 
@@ -14,6 +15,20 @@ CSP = (
     "default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
 )
+HSTS = "max-age=31536000"  # not includeSubDomains: the blog's other subdomains are not this app's to decide
+
+
+def security_headers(config: Config) -> list[tuple[str, str]]:
+    """The headers every response carries, error pages too; HSTS when base_url is https."""
+    headers = [
+        ("Content-Security-Policy", CSP),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+    ]
+    if config.base_url.startswith("https://"):
+        headers.append(("Strict-Transport-Security", HSTS))
+    return headers
 
 
 @bp.get("/")
@@ -40,6 +55,8 @@ FRIENDLY = {
 
 
 def install_error_pages(app: Flask) -> None:
+    fixed = security_headers(app.extensions["newsletter"].config)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
         title, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
@@ -54,11 +71,9 @@ def install_error_pages(app: Flask) -> None:
         ), 500
 
     @app.after_request
-    def security_headers(response: Response) -> Response:
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
+    def add_security_headers(response: Response) -> Response:
+        for name, value in fixed:
+            response.headers.setdefault(name, value)
         if request.path != "/style.css":
             response.headers["Cache-Control"] = "no-store"
         return response

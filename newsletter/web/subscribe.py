@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 from flask import Blueprint, abort, render_template, request
 from werkzeug.exceptions import TooManyRequests
 
+from ..config import FREQUENCIES
 from ..models import Status, Subscriber
-from ..subscriptions import InvalidAddress, confirm, confirmable, normalize
+from ..subscriptions import InvalidAddress, confirm, confirmable, normalize, set_frequency
 from ..tokens import ExpiredToken, InvalidToken
 from .context import csrf, newsletter, rendered_pages, requester, session, signup_log
 from .pages import subscribe_form
@@ -138,7 +139,7 @@ def confirm_page(token: str) -> tuple[str, int]:
         return _bad_link(problem)
     assert subscriber is not None  # _confirmable gives one or the other
     already = subscriber.status == Status.CONFIRMED
-    return render_template("web/confirm.html", token=token, already=already), 200
+    return render_template("web/confirm.html", token=token, already=already, frequency=subscriber.frequency), 200
 
 
 @bp.post("/confirm/<token>")
@@ -150,6 +151,8 @@ def confirm_submit(token: str) -> tuple[str, int]:
     assert subscriber is not None  # _confirmable gives one or the other
     already = subscriber.status == Status.CONFIRMED
     if not already:
+        if request.form.get("frequency") in FREQUENCIES:
+            set_frequency(subscriber, request.form["frequency"])
         confirm(session(), subscriber, newsletter(), requester())
         session().commit()
     return render_template("web/confirmed.html", already=already), 200

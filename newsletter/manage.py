@@ -1,0 +1,139 @@
+"""A reader's own page: how they get email (frequency, categories), their data, leaving, being erased, and the
+email that brings them there when they ask for it at /manage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from . import categories, db, roster
+from .config import FREQUENCIES
+from .models import CONFIRMATIONS, Delivery, DeliveryStatus, Digest, Erased, Post, Status, Subscriber, utcnow
+from .runtime import Newsletter
+from .subscriptions import Requester, email_key, normalize, queue_email, set_frequency, throttle_key
+
+LINKS_PER_DAY = 3
+LINK_KIND = "manage"  # in the confirmations table, counted apart from confirmation emails
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a reader may choose and has chosen."""
+
+    frequency: str
+    categories: list[tuple[str, bool]]  # each category on offer, and whether the reader chose it
+
+
+def choices(session: Session, nl: Newsletter, subscriber: Subscriber) -> Choices:
+    chosen = categories.chosen(session, subscriber.id)
+    offered = categories.available(nl, session)
+    return Choices(subscriber.frequency, [(name, categories.key(name) in chosen) for name in offered])
+
+
+def change(
+    session: Session, nl: Newsletter, subscriber: Subscriber, frequency: str | None, names: list[str]
+) -> list[str]:
+    """Apply the reader's choices; returns a line for each thing that changed.
+
+    Posts already announced are never sent again, whatever changes; posts waiting for a digest follow the
+    new frequency (subscriptions.set_frequency).
+    """
+    changes = []
+    if frequency is not None and frequency in FREQUENCIES and set_frequency(subscriber, frequency):
+        changes.append(f"You now get {_frequency_text(frequency)}.")
+    before = categories.chosen(session, subscriber.id)
+    after = categories.choose(session, nl, subscriber.id, names)
+    if after != before:
+        offered = {categories.key(name): name for name in categories.available(nl, session)}
+        if after:
+            changes.append("You now get posts about " + ", ".join(offered[key] for key in sorted(after)) + ".")
+        else:
+            changes.append("You now get every post, whatever its category.")
+    return changes
+
+
+def _frequency_text(frequency: str) -> str:
+    return {"instant": "an email for each new post", "daily": "a daily digest", "weekly": "a weekly digest"}[frequency]
+
+
+def export(session: Session, subscriber: Subscriber) -> dict[str, Any]:
+    """Everything kept about the reader, as JSON-ready data: download my data."""
+
+    def when(value: object) -> str | None:
+        return value.isoformat() if hasattr(value, "isoformat") else None
+
+    instant = (
+        select(Post, Delivery.updated_at)
+        .join(Delivery, Delivery.post_id == Post.id)
+        .where(Delivery.subscriber_id == subscriber.id, Delivery.status == DeliveryStatus.SENT)
+    )
+    in_digest = (
+        select(Post, Digest.updated_at)
+        .join(Delivery, Delivery.post_id == Post.id)
+        .join(Digest, Digest.id == Delivery.digest_id)
+        .where(Delivery.subscriber_id == subscriber.id, Digest.status == DeliveryStatus.SENT)
+    )
+    mailed = [
+        {"title": post.title, "url": post.url, "emailed_at": when(at)}
+        for query in (instant, in_digest)
+        for post, at in session.execute(query)
+    ]
+    mailed.sort(key=lambda item: item["emailed_at"] or "")
+    consent: dict[str, dict[str, str | None]] = {}
+    for step in ("subscribed", "confirmed", "unsubscribed"):
+        at = getattr(subscriber, f"{step}_at")
+        if at is not None:
+            consent[step] = {
+                "at": when(at),
+                "ip": getattr(subscriber, f"{step}_ip"),
+                "user_agent": getattr(subscriber, f"{step}_user_agent"),
+            }
+    return {
+        "email": subscriber.email,
+        "status": subscriber.status.value,
+        "consent": consent,
+        "frequency": subscriber.frequency,
+        "categories": sorted(categories.chosen(session, subscriber.id)) or "all",
+        "emails_received": mailed,
+    }
+
+
+def erase(session: Session, nl: Newsletter, subscriber: Subscriber) -> None:
+    """Delete the reader and everything about them for good, keeping only roster.erased_key of the address."""
+    key = roster.erased_key(nl, subscriber.email_key)
+    if session.get(Erased, key) is None:
+        session.add(Erased(key_hash=key))
+    roster.remove(session, subscriber)
+
+
+def request_link(session: Session, nl: Newsletter, raw: str, requester: Requester) -> None:
+    """Email a manage link (valid a day) to a known reader, confirmed or not, at most LINKS_PER_DAY a day
+    however the address is spelled. Says nothing either way: the page must not tell who is subscribed.
+
+    Raises subscriptions.InvalidAddress for something that is not an address.
+    """
+    validated = normalize(raw)
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email_key == email_key(validated)))
+    if subscriber is None or subscriber.status not in (Status.CONFIRMED, Status.UNCONFIRMED):
+        return
+    conn = session.connection()
+    throttle = f"{LINK_KIND}:{throttle_key(validated)}"
+    db.advisory_xact_lock(conn, throttle)
+    since = utcnow() - timedelta(days=1)
+    recent = select(func.count()).where(CONFIRMATIONS.c.throttle_key == throttle, CONFIRMATIONS.c.sent_at > since)
+    if (conn.scalar(recent) or 0) >= LINKS_PER_DAY:
+        return
+    conn.execute(insert(CONFIRMATIONS).values(throttle_key=throttle, subscriber_id=subscriber.id, sent_at=utcnow()))
+    queue_email(
+        conn,
+        nl,
+        subscriber.id,
+        subscriber.email_ascii,
+        "manage",
+        f"Manage your subscription to {nl.config.site.name}",
+        manage_url=f"{nl.config.base_url}/manage/{nl.tokens.manage_link_token(subscriber.id)}",
+    )

@@ -1,0 +1,164 @@
+"""A reader's manage page over real HTTP, reached from a real email, with link scanners opening every link
+first: choices, download my data, erase me, and /manage for a link by email."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+from sqlalchemy import func, select
+
+from newsletter.models import Erased, Post, Status, Subscriber
+from newsletter.tokens import MANAGE_LINK_SALT
+
+from .conftest import publish
+from .test_reader_flow import confirm_link
+
+
+def link_in(message, path: str) -> str:
+    return next(url for url in message.links() if f"/{path}/" in url)
+
+
+def reader_row(nl, address: str) -> Subscriber | None:
+    with nl.sessions() as session:
+        found = session.scalar(select(Subscriber).where(Subscriber.email_key == address))
+        if found is not None:
+            session.expunge(found)
+        return found
+
+
+def scan(site, link: str) -> None:
+    """What a mail security scanner does with every link: GET it, HEAD it, GET it again."""
+    for method in ("GET", "HEAD", "GET"):
+        assert site.request(method, link).status_code == 200
+
+
+def notified(site, run, feed, smtp, address: str = "reader@example.com"):
+    """A reader signed up and confirmed through the web, then a post announced to them; its email."""
+    assert site.subscribe(address).status_code == 200
+    site.deliver_outbox()
+    assert site.press(confirm_link(smtp.to(address)[0])).status_code == 200
+    site.deliver_outbox()
+    with site.nl.sessions.begin() as session:
+        for post in session.scalars(select(Post)):
+            post.categories = ["Fishing", "Weather"]
+    publish(feed, "Nets mended", "nets-mended")
+    assert run("send").exit_code == 0
+    return smtp.to(address)[-1]
+
+
+def test_from_an_email_to_weekly_and_some_categories(site, run, feed, smtp) -> None:
+    assert run("posts", "fetch").exit_code == 0
+    email = notified(site, run, feed, smtp)
+    assert email.message["Subject"] == "Nets mended"
+    link = link_in(email, "manage")
+    assert link in email.text and "Manage your subscription" in email.html
+    scan(site, link)
+    before = reader_row(site.nl, "reader@example.com")
+    assert before.frequency == "instant"
+
+    page = site.get(link)
+    assert "reader@example.com" in page.text and 'name="frequency" value="weekly"' in page.text
+    assert 'name="categories" value="Fishing"' in page.text
+    changed = site.press(link, data={"frequency": "weekly", "categories": ["Fishing"]})
+    assert changed.status_code == 200
+    assert "You now get a weekly digest." in changed.text and "You now get posts about Fishing." in changed.text
+    after = reader_row(site.nl, "reader@example.com")
+    assert after.frequency == "weekly" and after.status == Status.CONFIRMED
+    again = site.press(link, data={"frequency": "weekly", "categories": ["Fishing"]})
+    assert "Nothing changed." in again.text
+    assert site.post(link, data={"frequency": "daily"}).status_code == 400  # no CSRF token: nothing changes
+    assert reader_row(site.nl, "reader@example.com").frequency == "weekly"
+
+
+def test_download_my_data_and_erase_me(site, run, feed, smtp, tmp_path) -> None:
+    assert run("posts", "fetch").exit_code == 0
+    link = link_in(notified(site, run, feed, smtp), "manage")
+    download = site.press(link + "/data", page=link)
+    assert download.headers["Content-Disposition"] == 'attachment; filename="my-subscription.json"'
+    data = json.loads(download.text)
+    assert data["email"] == "reader@example.com" and data["status"] == "confirmed"
+    assert data["frequency"] == "instant" and data["categories"] == "all"
+    assert data["consent"]["subscribed"]["ip"] == "127.0.0.1" and data["consent"]["confirmed"]["at"]
+    assert [mail["title"] for mail in data["emails_received"]] == ["Nets mended"]
+
+    refused = site.press(link + "/erase", page=link)
+    assert refused.status_code == 400 and "Tick the box" in refused.text
+    assert reader_row(site.nl, "reader@example.com") is not None
+    erased = site.press(link + "/erase", page=link, data={"sure": "yes"})
+    assert erased.status_code == 200 and "erased" in erased.text
+    assert reader_row(site.nl, "reader@example.com") is None
+    with site.nl.sessions() as session:
+        [row] = session.scalars(select(Erased))
+        assert "reader" not in row.key_hash and len(row.key_hash) == 64
+    assert site.get(link).status_code == 400  # the link leads nowhere now
+
+    csv = tmp_path / "readers.csv"
+    csv.write_text("email\nReader@example.com\nother@example.com\n")
+    imported = run("subscribers", "import", str(csv), "--verbose")
+    assert imported.output.splitlines() == [
+        "imported 1; already there 0; refused 1",
+        "  line 2: Reader@example.com was erased at the reader's request",
+    ]
+    added = run("subscribers", "add", "reader@example.com", "--confirmed")
+    assert added.exit_code == 1 and "was erased at the reader's request" in added.output
+    assert reader_row(site.nl, "reader@example.com") is None
+
+
+def test_a_link_by_email_for_known_readers_only_three_a_day(site, smtp) -> None:
+    assert site.subscribe("known@example.com").status_code == 200
+    site.deliver_outbox()
+    smtp.messages.clear()
+    assert '<a href="/manage">Manage your subscription</a>' in site.get("/").text
+    ask = site.get("/manage")
+    assert ask.status_code == 200 and 'name="email"' in ask.text
+    known = site.press("/manage", data={"email": "Known@example.com"})
+    unknown = site.press("/manage", data={"email": "stranger@example.com"})
+    assert known.status_code == unknown.status_code == 200 and known.text == unknown.text
+    site.deliver_outbox()
+    [email] = smtp.messages
+    assert email.recipients == ["known@example.com"]
+    link = link_in(email, "manage")
+    scan(site, link)
+    assert "known@example.com" in site.get(link).text
+    for _ in range(3):
+        site.press("/manage", data={"email": "KNOWN@Example.com"})
+    site.deliver_outbox()
+    assert len(smtp.to("known@example.com")) == 3  # at most three a day, however it is spelled
+    bad = site.press("/manage", data={"email": "not-an-address"})
+    assert bad.status_code == 400 and "@-sign" in bad.text
+
+
+def test_a_requested_link_expires_after_a_day(site, smtp) -> None:
+    assert site.subscribe("reader@example.com").status_code == 200
+    site.record_signups()
+    subscriber_id = reader_row(site.nl, "reader@example.com").id
+
+    class DayAndHourAgo(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time()) - 25 * 3600
+
+    old = URLSafeTimedSerializer([site.nl.config.security.secret_key], salt=MANAGE_LINK_SALT, signer=DayAndHourAgo)
+    expired = site.get(f"/manage/{old.dumps(subscriber_id)}")
+    assert expired.status_code == 400 and "expired" in expired.text
+    fresh = site.get(f"/manage/{site.nl.tokens.manage_link_token(subscriber_id)}")
+    assert fresh.status_code == 200
+
+
+@pytest.mark.parametrize("extra_config", ['[digest]\ndefault_frequency = "daily"\n'])
+def test_the_confirmation_page_offers_the_frequency(site, smtp) -> None:
+    assert site.subscribe("reader@example.com").status_code == 200
+    site.deliver_outbox()
+    link = confirm_link(smtp.to("reader@example.com")[0])
+    page = site.get(link)
+    assert re.search(r'value="daily" checked', page.text)
+    assert site.press(link, data={"frequency": "weekly"}).status_code == 200
+    assert reader_row(site.nl, "reader@example.com").frequency == "weekly"
+    site.deliver_outbox()
+    welcome = smtp.to("reader@example.com")[-1]
+    assert "a weekly digest of the new posts" in welcome.text
+    with site.nl.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
