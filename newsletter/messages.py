@@ -219,22 +219,9 @@ def message_template(
 
 
 def notification_template(config: Config, render: Render, post: PostLike) -> MessageTemplate:
-    """The new-post email for every recipient; fill in with render(to, message_id, unsubscribe_url)."""
-    links = RecipientLinks.new()
-    context = {
-        "post": post,
-        "unsubscribe_url": links.unsubscribe,
-        "manage_url": links.manage,
-        "archive_url": f"{config.base_url}/archive/{post.id}" if config.site.archive else None,
-    }
-    return message_template(
-        config,
-        post.title,
-        render("email/notification.txt", **context),
-        render("email/notification.html", **context),
-        _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
-        links,
-    )
+    """The new-post email for every recipient; fill in with render(to, message_id, unsubscribe_url, manage_url)."""
+    archive_url = f"{config.base_url}/archive/{post.id}" if config.site.archive else None
+    return _list_template(config, render, "notification", post.title, post=post, archive_url=archive_url)
 
 
 DIGEST_NAMES = {"daily": "Daily digest", "weekly": "Weekly digest", "instant": "Posts you missed"}
@@ -242,24 +229,25 @@ DIGEST_NAMES = {"daily": "Daily digest", "weekly": "Weekly digest", "instant": "
 
 def digest_template(config: Config, render: Render, frequency: str, posts: Sequence[DatedPostLike]) -> MessageTemplate:
     """A digest of POSTS (oldest first) for every reader who gets the same ones, filled in like a notification."""
-    links = RecipientLinks.new()
     name = DIGEST_NAMES[frequency]
     subject = f"{name} from {config.site.name}: {posts[0].title}"
     if len(posts) > 1:
         subject += f" and {len(posts) - 1} more"
-    context = {
-        "posts": posts,
-        "digest_name": name,
-        "frequency": frequency,
-        "unsubscribe_url": links.unsubscribe,
-        "manage_url": links.manage,
-        "archive_url": f"{config.base_url}/archive" if config.site.archive else None,
-    }
+    archive_url = f"{config.base_url}/archive" if config.site.archive else None
+    return _list_template(
+        config, render, "digest", subject, posts=posts, digest_name=name, frequency=frequency, archive_url=archive_url
+    )
+
+
+def _list_template(config: Config, render: Render, name: str, subject: str, **context: object) -> MessageTemplate:
+    """An email to the list from templates/email/NAME.{txt,html}, with each reader's links left open."""
+    links = RecipientLinks.new()
+    context = {**context, "unsubscribe_url": links.unsubscribe, "manage_url": links.manage}
     return message_template(
         config,
         subject,
-        render("email/digest.txt", **context),
-        render("email/digest.html", **context),
+        render(f"email/{name}.txt", **context),
+        render(f"email/{name}.html", **context),
         _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
         links,
     )

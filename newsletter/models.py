@@ -146,7 +146,20 @@ class DeliveryStatus(str, enum.Enum):
     DIGESTED = "digested"  # in digest `digest_id`, which has its own status
 
 
-class Delivery(Base):
+class LedgerRow:
+    """The columns of a row of a send ledger (deliveries, digests): how its email is doing, and which sender
+    holds it while it is `sending`."""
+
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Enum(DeliveryStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=DeliveryStatus.PENDING,
+    )
+    error: Mapped[str | None] = mapped_column(String(1024))
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Delivery(LedgerRow, Base):
     """One notification of one post to one subscriber: the send ledger and queue.
 
     No foreign keys: checking them would double the time to queue a post for a million readers, and
@@ -159,13 +172,6 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     post_id: Mapped[int] = mapped_column(Integer)
     subscriber_id: Mapped[int] = mapped_column(Integer)
-    status: Mapped[DeliveryStatus] = mapped_column(
-        Enum(DeliveryStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=DeliveryStatus.PENDING,
-    )
-    error: Mapped[str | None] = mapped_column(String(1024))
-    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claimed_by: Mapped[int | None] = mapped_column(BigInteger)
     digest_id: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
@@ -194,7 +200,7 @@ class Delivery(Base):
     )
 
 
-class Digest(Base):
+class Digest(LedgerRow, Base):
     """One daily or weekly email to one reader, of the posts that waited for it (deliveries.digest_id).
 
     Sent like a delivery: pending -> sending -> sent or failed. `contents` is the frequency and the post
@@ -207,13 +213,6 @@ class Digest(Base):
     subscriber_id: Mapped[int] = mapped_column(Integer)
     period: Mapped[datetime] = mapped_column(UTCDateTime)
     contents: Mapped[str] = mapped_column(Text)
-    status: Mapped[DeliveryStatus] = mapped_column(
-        Enum(DeliveryStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=DeliveryStatus.PENDING,
-    )
-    error: Mapped[str | None] = mapped_column(String(1024))
-    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claimed_by: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         UniqueConstraint("subscriber_id", "period", name="uq_digests_subscriber_period"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from flask import Blueprint, Response, render_template, request
+from flask import Blueprint, Response, abort, make_response, render_template, request
 from werkzeug.exceptions import TooManyRequests
 
 from .. import manage
@@ -21,18 +21,18 @@ from .context import csrf, newsletter, requester, session, signup_log
 bp = Blueprint("manage", __name__)
 
 
-def _reader(token: str) -> tuple[Subscriber | None, str | None]:
-    """The subscriber the token names, or the reason the link does not work."""
+def _reader(token: str) -> Subscriber:
+    """The subscriber the token names; else the request ends with the page saying why the link does not work."""
     try:
         subscriber_id = newsletter().tokens.read_manage_token(token)
     except ExpiredToken:
-        return None, "expired-manage"
+        abort(make_response(render_template("web/bad_link.html", reason="expired-manage"), 400))
     except InvalidToken:
-        return None, "manage"
-    subscriber = session().get(Subscriber, subscriber_id)
+        subscriber_id = None
+    subscriber = session().get(Subscriber, subscriber_id) if subscriber_id is not None else None
     if subscriber is None:
-        return None, "manage"
-    return subscriber, None
+        abort(make_response(render_template("web/bad_link.html", reason="manage"), 400))
+    return subscriber
 
 
 def _page(token: str, subscriber: Subscriber, changes: list[str] | None = None) -> str:
@@ -40,24 +40,16 @@ def _page(token: str, subscriber: Subscriber, changes: list[str] | None = None) 
     return render_template("web/manage.html", token=token, reader=subscriber, choices=choices, changes=changes)
 
 
-def _bad_link(reason: str) -> tuple[str, int]:
-    return render_template("web/bad_link.html", reason=reason), 400
-
-
 @bp.get("/manage/<token>")
 def page(token: str) -> tuple[str, int]:
-    subscriber, problem = _reader(token)
-    if subscriber is None:
-        return _bad_link(problem or "manage")
+    subscriber = _reader(token)
     return _page(token, subscriber), 200
 
 
 @bp.post("/manage/<token>")
 def save(token: str) -> tuple[str, int]:
     csrf.protect()
-    subscriber, problem = _reader(token)
-    if subscriber is None:
-        return _bad_link(problem or "manage")
+    subscriber = _reader(token)
     if subscriber.status != Status.CONFIRMED:
         return _page(token, subscriber), 200
     frequency = request.form.get("frequency")
@@ -69,20 +61,16 @@ def save(token: str) -> tuple[str, int]:
 @bp.post("/manage/<token>/unsubscribe")
 def leave(token: str) -> tuple[str, int]:
     csrf.protect()
-    subscriber, problem = _reader(token)
-    if subscriber is None:
-        return _bad_link(problem or "manage")
+    subscriber = _reader(token)
     if unsubscribe(subscriber, requester()):
         session().commit()
     return render_template("web/unsubscribed.html"), 200
 
 
 @bp.post("/manage/<token>/data")
-def data(token: str) -> Response | tuple[str, int]:
+def data(token: str) -> Response:
     csrf.protect()
-    subscriber, problem = _reader(token)
-    if subscriber is None:
-        return _bad_link(problem or "manage")
+    subscriber = _reader(token)
     body = json.dumps(manage.export(session(), subscriber), indent=2, ensure_ascii=False)
     return Response(
         body + "\n",
@@ -94,9 +82,7 @@ def data(token: str) -> Response | tuple[str, int]:
 @bp.post("/manage/<token>/erase")
 def erase(token: str) -> tuple[str, int]:
     csrf.protect()
-    subscriber, problem = _reader(token)
-    if subscriber is None:
-        return _bad_link(problem or "manage")
+    subscriber = _reader(token)
     if request.form.get("sure") != "yes":
         return _page(token, subscriber, ["Tick the box to confirm that everything about you should be erased."]), 400
     manage.erase(session(), newsletter(), subscriber)
