@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, render_template, request
-from werkzeug.exceptions import TooManyRequests
+from flask import Blueprint, current_app, render_template, request
+from werkzeug.exceptions import Forbidden, TooManyRequests
 
 from ..config import FREQUENCIES
 from ..models import Status, Subscriber
@@ -16,6 +16,17 @@ from .context import csrf, newsletter, rendered_pages, requester, session, signu
 from .pages import subscribe_form
 
 bp = Blueprint("subscribe", __name__)
+
+
+class ForeignForm(Forbidden):
+    """The form came from a page of another site than ours, the blog's or [web] embed_origins."""
+
+    name = "Sign up on the newsletter's own page"
+    description = (
+        "This sign-up form was sent from a website the newsletter does not take sign-ups from, so nothing was "
+        "sent. Please sign up on the newsletter's own page instead."
+    )
+
 
 FORM_MAX_AGE = 24 * 3600
 
@@ -27,7 +38,14 @@ def submit() -> tuple[str, int]:
     The sign-up is only stored here; the worker records the subscriber and queues the confirmation email.
     """
     if not _origin_allowed():
-        abort(403, "This form may only be posted from the blog's own pages.")
+        origin = request.headers.get("Origin", "")[:200]
+        current_app.logger.warning(
+            "sign-up refused: the form was posted from %r, which is not accepted; if that is the blog, "
+            "set [site] feed_url to the blog's feed or add %r to [web] embed_origins",
+            origin,
+            origin,
+        )
+        raise ForeignForm()
     if "email" not in request.form:
         return subscribe_form(error="Please enter your email address."), 400
     address = request.form["email"]
