@@ -38,6 +38,7 @@ class SiteConfig:
     archive: bool = True
     categories: list[str] = field(default_factory=list)
     exclude_categories: list[str] = field(default_factory=list)
+    require_approval: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class DigestConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    poll_minutes: int = 0
+    webhook_secret: str = ""
+
+
+@dataclass(frozen=True)
 class DKIMConfig:
     selector: str = ""
     domain: str = ""
@@ -106,6 +113,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     digest: DigestConfig = field(default_factory=DigestConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     source: str = "defaults"
     demo: bool = False
 

@@ -116,7 +116,8 @@ def _recover_interrupted(nl: Newsletter, sender_id: int) -> int:
 def queue_posts(nl: Newsletter) -> list[Post]:
     """Create a delivery per confirmed subscriber the post reaches (categories.readers_of) for every post not
     yet queued: pending for readers on instant email, waiting for the others' next digest. A post in an
-    excluded category is marked announced and reaches nobody. Returns the posts queued."""
+    excluded category is marked announced and reaches nobody; a skipped one, or one awaiting approval
+    ([site] require_approval), is not queued. Returns the posts queued."""
     status = case(
         (Subscriber.frequency == "instant", literal(DeliveryStatus.PENDING.value)),
         else_=literal(DeliveryStatus.WAITING.value),
@@ -125,7 +126,12 @@ def queue_posts(nl: Newsletter) -> list[Post]:
         digests.lock(session.connection())
         due = (
             select(Post)
-            .where(Post.queued_at.is_(None), Post.announced_at.is_(None))
+            .where(
+                Post.queued_at.is_(None),
+                Post.announced_at.is_(None),
+                Post.skipped_at.is_(None),
+                or_(~Post.needs_approval, Post.approved_at.is_not(None)),
+            )
             .order_by(Post.published_at.is_(None), Post.published_at, Post.id)
         )
         posts = []
@@ -149,17 +155,22 @@ def queue_posts(nl: Newsletter) -> list[Post]:
 
 
 def retry_failed(nl: Newsletter) -> int:
-    """Queue again every delivery the server refused for good, and un-bounce its reader."""
+    """Queue again every delivery the server refused for good, and un-bounce its reader; a skipped post's stay
+    as they are."""
     with nl.sessions.begin() as session:
-        failed = select(Delivery.subscriber_id).where(Delivery.status == DeliveryStatus.FAILED)
+        refused = and_(
+            Delivery.status == DeliveryStatus.FAILED,
+            Delivery.post_id.not_in(select(Post.id).where(Post.skipped_at.is_not(None))),
+        )
+        failed = select(Delivery.subscriber_id).where(refused)
         session.execute(
             update(Subscriber)
             .where(Subscriber.status == Status.BOUNCED, Subscriber.id.in_(failed))
             .values(status=Status.CONFIRMED)
         )
-        posts = select(Delivery.post_id).where(Delivery.status == DeliveryStatus.FAILED).distinct()
+        posts = select(Delivery.post_id).where(refused).distinct()
         session.execute(update(Post).where(Post.id.in_(posts)).values(announced_at=None))
-        requeued = update(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
+        requeued = update(Delivery).where(refused)
         result = cast(CursorResult[Any], session.execute(requeued.values(status=DeliveryStatus.PENDING, error=None)))
         return result.rowcount
 

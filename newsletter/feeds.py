@@ -168,8 +168,11 @@ def _published(item: feedparser.FeedParserDict) -> datetime | None:
     return datetime.fromtimestamp(calendar.timegm(parsed), UTC) if parsed else None
 
 
-def record_entries(session: Session, entries: list[Entry], announce_existing: bool = False) -> list[Post]:
-    """Store entries not seen before; on the very first fetch they count as already announced."""
+def record_entries(
+    session: Session, entries: list[Entry], announce_existing: bool = False, needs_approval: bool = False
+) -> list[Post]:
+    """Store entries not seen before; on the very first fetch they count as already announced. With
+    NEEDS_APPROVAL the others wait for `posts approve`."""
     first_fetch = session.scalar(select(Post.id).where(Post.source == "feed").limit(1)) is None
     known = set(session.scalars(select(Post.guid).where(Post.guid.in_([e.guid for e in entries]))))
     now = utcnow()
@@ -187,6 +190,7 @@ def record_entries(session: Session, entries: list[Entry], announce_existing: bo
             categories=list(entry.categories),
             source="feed",
             announced_at=now if first_fetch and not announce_existing else None,
+            needs_approval=needs_approval,
         )
         session.add(post)
         new.append(post)

@@ -130,10 +130,26 @@ class Post(Base):
     announced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     message_seed: Mapped[str | None] = mapped_column(String(32))
     categories: Mapped[list[str] | None] = mapped_column(JSON, default=list)  # as the feed entry names them
+    needs_approval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    skipped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # never to be sent
 
     @property
     def announced(self) -> bool:
         return self.announced_at is not None
+
+    @property
+    def state(self) -> str:
+        """What `posts list` shows: skipped, announced, sending, awaiting approval or new."""
+        if self.skipped_at is not None:
+            return "skipped"
+        if self.announced_at is not None:
+            return "announced"
+        if self.queued_at is not None:
+            return "sending"
+        if self.needs_approval and self.approved_at is None:
+            return "awaiting approval"
+        return "new"
 
 
 class DeliveryStatus(str, enum.Enum):

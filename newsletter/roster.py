@@ -16,14 +16,14 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from email_validator import ValidatedEmail
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import db
-from .models import DIGESTS, ERASED, SUBSCRIBERS, Delivery, Erased, Status, Subscriber, utcnow
+from .models import DIGESTS, ERASED, SUBSCRIBERS, Delivery, Erased, OutboxMessage, Status, Subscriber, utcnow
 from .runtime import Newsletter
-from .subscriptions import Requester, email_key, normalize
+from .subscriptions import Requester, email_key, normalize, subscribe
 
 
 class ImportFileError(ValueError):
@@ -165,6 +165,54 @@ def add_subscriber(nl: Newsletter, raw: str, confirmed: bool, force: bool = Fals
         return subscriber.email, subscriber.status, created
 
 
+@dataclass(frozen=True)
+class Invitation:
+    """What `subscribers add --invite` did: the address, its status, and the confirmation email queued (its
+    outbox id, or None when the address is confirmed or bounced, or had its confirmation emails for today)."""
+
+    address: str
+    status: Status
+    created: bool
+    email_id: int | None
+    held: bool = False
+
+
+def invite(nl: Newsletter, raw: str) -> Invitation:
+    """Sign RAW up as the form does, from the command line: a confirmation email within the per-address limits,
+    and a reader who left stays so until they click. Raises InvalidAddress, or LeftTheList when the address
+    was erased at the reader's request."""
+    validated = normalize(raw)
+    with nl.sessions.begin() as session:
+        if was_erased(session, nl, email_key(validated)):
+            raise LeftTheList(f"{validated.normalized} was erased at the reader's request, so it is not invited")
+        created = find(session, raw) is None
+        last = session.scalar(select(func.max(OutboxMessage.id))) or 0
+        subscribe(session, nl, raw, Requester.admin())
+        subscriber = find(session, raw)
+        assert subscriber is not None
+        queued = session.execute(
+            select(OutboxMessage.id, OutboxMessage.held).where(
+                OutboxMessage.id > last, OutboxMessage.subscriber_id == subscriber.id
+            )
+        ).first()
+        return Invitation(
+            subscriber.email,
+            subscriber.status,
+            created,
+            queued.id if queued else None,
+            bool(queued and queued.held),
+        )
+
+
+def outbox_state(nl: Newsletter, email_id: int) -> tuple[str, str | None]:
+    """Whether outbox email EMAIL_ID was sent, failed or is still waiting, with the server's reply if any."""
+    with nl.sessions() as session:
+        email = session.get(OutboxMessage, email_id)
+        if email is None or email.sent_at is not None:
+            return "sent", None
+        return ("failed" if email.failed_at is not None else "waiting"), email.error
+
+
 def remove_subscriber(nl: Newsletter, raw: str) -> str | None:
     """Delete the subscriber with address RAW and all their data; returns the address, or None if unknown."""
     with nl.sessions.begin() as session:
@@ -175,11 +223,23 @@ def remove_subscriber(nl: Newsletter, raw: str) -> str | None:
         return subscriber.email
 
 
-def listing(nl: Newsletter, status: Status | None = None) -> Iterator[Subscriber]:
-    """Every subscriber (with STATUS, when given), oldest first, read a thousand at a time."""
+def joined_at(subscriber: Subscriber) -> datetime:
+    """When the subscriber signed up (for an imported row, as the file said), else when the row was made."""
+    return subscriber.subscribed_at or subscriber.created_at
+
+
+def listing(
+    nl: Newsletter, status: Status | None = None, search: str | None = None, since: datetime | None = None
+) -> Iterator[Subscriber]:
+    """Every subscriber, oldest first, read a thousand at a time; only those with STATUS, whose address
+    contains SEARCH (any case), who signed up at or after SINCE, when given."""
     query = select(Subscriber).order_by(Subscriber.id)
     if status is not None:
         query = query.where(Subscriber.status == status)
+    if search:
+        query = query.where(Subscriber.email_key.contains(search.lower(), autoescape=True))
+    if since is not None:
+        query = query.where(func.coalesce(Subscriber.subscribed_at, Subscriber.created_at) >= since)
     with nl.sessions() as session:
         yield from session.scalars(query).yield_per(1000)
 

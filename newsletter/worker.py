@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 
 from .mailer import MailerError
 from .outbox import OutboxReport, deliver_outbox
+from .publish import Schedule, run_due
 from .runtime import Newsletter
 from .signups import forget_old, process_signups
 from .subscriptions import forget_unconfirmed, release_held
@@ -33,10 +35,25 @@ def work_once(nl: Newsletter, tidy: bool = True) -> tuple[int, OutboxReport]:
 
 
 def run_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> None:
-    """Work until STOP is set, backing off while the SMTP server is unreachable."""
-    wait, next_tidy = interval, 0.0
+    """Work until STOP is set, backing off while the SMTP server is unreachable.
+
+    Fetches the feed and sends as `newsletter send` does when [schedule] says so (publish.Schedule). A stop
+    signal during such a send lets its batches finish, then the worker returns.
+    """
+    _stop_on_sigterm()
+    try:
+        _work_until(nl, stop, interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _work_until(nl: Newsletter, stop: threading.Event, interval: float) -> None:
+    wait, next_tidy, schedule = interval, 0.0, Schedule(nl)
     while not stop.is_set():
         try:
+            sent = run_due(nl, schedule)
+            if sent is not None and sent.stopped_by is not None:
+                return
             tidy = time.monotonic() >= next_tidy
             recorded, report = work_once(nl, tidy)
             if tidy:
@@ -57,3 +74,13 @@ def run_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> 
             log.exception("worker: failed; retrying in %.0f s", wait)
             wait = min(wait * 2, 60.0)
         stop.wait(wait)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops the worker as Ctrl-C does, where nothing else handles it (a forked worker process)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt

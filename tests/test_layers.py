@@ -38,6 +38,7 @@ LAYERS = {
         "archive",
         "manage",
         "outbox",
+        "publish",
         "worker",
         "stats",
         "checks",

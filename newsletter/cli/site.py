@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections.abc import Callable
@@ -209,16 +210,22 @@ def check(state: State) -> None:
 
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every count.")
 @pass_state
-def stats(state: State) -> None:
-    """Show subscribers by status, posts, queued mail, and whether sign-ups are being held.
+def stats(state: State, as_json: bool) -> None:
+    """Show subscribers by status and frequency, weekly growth, how the last posts went, queued mail, and
+    whether sign-ups are being held. Opens and clicks are not tracked.
 
     \b
     Example:
       $ newsletter stats
     """
     found = stats_service.collect(state.newsletter())
+    if as_json:
+        click.echo(json.dumps(_stats_document(found), indent=2))
+        return
     click.echo("subscribers: " + ", ".join(f"{found.subscribers[s]} {s.value}" for s in Status))
+    click.echo("confirmed by frequency: " + ", ".join(f"{n} {f}" for f, n in found.frequencies.items()))
     click.echo(f"posts: {found.posts}, {found.posts_waiting} not yet announced")
     click.echo(f"sign-ups waiting for the worker: {found.signups_unrecorded}")
     click.echo(
@@ -234,6 +241,53 @@ def stats(state: State) -> None:
     if found.holding:
         line += ": confirmation emails are HELD until sign-ups slow down; check for a bot submitting addresses"
     click.echo(line)
+    click.echo("growth by week (confirmed, left):")
+    for week in found.growth:
+        click.echo(f"  {week.start:%Y-%m-%d}  +{week.confirmed}  -{week.left}")
+    days = stats_service.LEFT_WITHIN.days
+    click.echo(f"last {stats_service.POSTS_SHOWN} posts sent (unsubscribed: within {days} days):")
+    for post in found.recent_posts:
+        click.echo(
+            f"  {post.sent_at:%Y-%m-%d}  {post.title}: {post.sent} sent, {post.failed} failed "
+            f"({post.bounced} bounced), {post.unsubscribed} unsubscribed"
+        )
+    if not found.recent_posts:
+        click.echo("  none yet")
+
+
+def _stats_document(found: stats_service.Stats) -> dict[str, object]:
+    """Stats as `stats --json` prints them."""
+    return {
+        "subscribers": {s.value: found.subscribers[s] for s in Status},
+        "confirmed_by_frequency": found.frequencies,
+        "posts": found.posts,
+        "posts_not_announced": found.posts_waiting,
+        "signups_waiting_for_worker": found.signups_unrecorded,
+        "signups_waiting_for_confirmation": found.unconfirmed,
+        "unconfirmed_forgotten_after_days": found.unconfirmed_days,
+        "outbox_queued": dict(sorted(found.outbox_queued.items())),
+        "outbox_held": found.outbox_held,
+        "signups_last_hour": found.signups_last_hour,
+        "signup_ceiling": found.signup_ceiling,
+        "network_ceiling": found.network_ceiling,
+        "holding": found.holding,
+        "growth": [
+            {"week": week.start.date().isoformat(), "confirmed": week.confirmed, "left": week.left}
+            for week in found.growth
+        ],
+        "recent_posts": [
+            {
+                "id": post.id,
+                "title": post.title,
+                "sent_at": post.sent_at.isoformat(),
+                "sent": post.sent,
+                "failed": post.failed,
+                "bounced": post.bounced,
+                f"unsubscribed_within_{stats_service.LEFT_WITHIN.days}_days": post.unsubscribed,
+            }
+            for post in found.recent_posts
+        ],
+    }
 
 
 @click.command()

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TextIO
 
 import click
 
 from .. import roster
-from ..models import Status
-from ..subscriptions import InvalidAddress
+from ..mailer import MailerError
+from ..models import Status, Subscriber
+from ..outbox import deliver_outbox
+from ..runtime import Newsletter
+from ..subscriptions import CONFIRM_RESEND_INTERVAL, CONFIRMATIONS_PER_DAY, InvalidAddress
 from .base import Failure, State, pass_state, stop_exit_code
 
 if TYPE_CHECKING:
@@ -33,43 +38,117 @@ def subscribers() -> None:
 
 @subscribers.command("list")
 @click.option("--status", type=click.Choice([s.value for s in Status]), help="Only this status.")
+@click.option("--search", metavar="TEXT", help="Only addresses containing TEXT (any case).")
+@click.option(
+    "--since", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD", help="Only those who signed up on or after."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: the subscribers and the total.")
 @pass_state
-def subscribers_list(state: State, status: str | None) -> None:
-    """Show subscribers and their status.
+def subscribers_list(
+    state: State, status: str | None, search: str | None, since: datetime | None, as_json: bool
+) -> None:
+    """Show subscribers, their status and the day they signed up, then how many there are.
 
     \b
     Example:
-      $ newsletter subscribers list --status confirmed
+      $ newsletter subscribers list --status confirmed --search example.com
       reader@example.com  confirmed  2026-11-27
+      1 subscriber
     """
-    for sub in roster.listing(state.newsletter(), Status(status) if status else None):
-        click.echo(f"{sub.email}  {sub.status.value}  {sub.created_at:%Y-%m-%d}")
+    if search is not None and not search.isprintable():
+        raise Failure(f"--search {search!r}: not printable text; give part of an address")
+    found = roster.listing(
+        state.newsletter(), Status(status) if status else None, search, since.replace(tzinfo=UTC) if since else None
+    )
+    if as_json:
+        rows = [_as_json(sub) for sub in found]
+        click.echo(json.dumps({"subscribers": rows, "total": len(rows)}, indent=2))
+        return
+    total = 0
+    for sub in found:
+        click.echo(f"{sub.email}  {sub.status.value}  {roster.joined_at(sub):%Y-%m-%d}")
+        total += 1
+    click.echo(f"{total:,} subscriber{'' if total == 1 else 's'}")
+
+
+def _as_json(sub: Subscriber) -> dict[str, str | None]:
+    times = {
+        name: when.isoformat() if when else None
+        for name, when in [
+            ("subscribed_at", roster.joined_at(sub)),
+            ("confirmed_at", sub.confirmed_at),
+            ("unsubscribed_at", sub.unsubscribed_at),
+        ]
+    }
+    return {"email": sub.email, "status": sub.status.value, "frequency": sub.frequency, **times}
 
 
 @subscribers.command("add")
 @click.argument("email")
 @click.option("--confirmed", is_flag=True, help="Mark as confirmed (you have their consent) without an email.")
+@click.option("--invite", is_flag=True, help="Send a confirmation email, as the sign-up form does.")
 @click.option(
     "--force",
     is_flag=True,
     help="With --confirmed: confirm an address that unsubscribed or bounced (only when they asked you to).",
 )
 @pass_state
-def subscribers_add(state: State, email: str, confirmed: bool, force: bool) -> None:
+def subscribers_add(state: State, email: str, confirmed: bool, invite: bool, force: bool) -> None:
     """Add a subscriber by hand. An address that unsubscribed or bounced is never confirmed again without --force.
 
+    Without --confirmed or --invite, the address is added unconfirmed and no email is sent.
+
     \b
-    Example:
+    Examples:
       $ newsletter subscribers add reader@example.com --confirmed
       added reader@example.com (confirmed)
+      $ newsletter subscribers add friend@example.com --invite
+      added friend@example.com (unconfirmed): sent a confirmation email
     """
+    if confirmed and invite:
+        raise Failure("--confirmed and --invite exclude each other: --invite asks the reader to confirm")
     try:
+        if invite:
+            _invite(state.newsletter(), email)
+            return
         address, status, created = roster.add_subscriber(state.newsletter(), email, confirmed, force)
     except InvalidAddress as exc:
         raise Failure(f"{email!r}: {exc}") from None
     except roster.LeftTheList as exc:
         raise Failure(str(exc)) from None
-    click.echo(f"{'added' if created else 'already there:'} {address} ({status.value})")
+    line = f"{'added' if created else 'already there:'} {address} ({status.value})"
+    if status is Status.UNCONFIRMED and not confirmed:
+        line += ": no email was sent; run with --invite to send a confirmation email"
+    click.echo(line)
+
+
+def _invite(nl: Newsletter, email: str) -> None:
+    """Queue a confirmation email to EMAIL and send it now if the SMTP server takes it; say what happened."""
+    done = roster.invite(nl, email)
+    line = f"{'added' if done.created else 'already there:'} {done.address} ({done.status.value})"
+    if done.email_id is None:
+        minutes = CONFIRM_RESEND_INTERVAL // timedelta(minutes=1)
+        why = {
+            Status.CONFIRMED: "they are confirmed already",
+            Status.BOUNCED: "their address bounced",
+        }.get(done.status, f"one went out in the last {minutes} minutes, or {CONFIRMATIONS_PER_DAY} today")
+        click.echo(f"{line}: no email was sent ({why})")
+        return
+    if done.held:
+        click.echo(f"{line}: a confirmation email is held until sign-ups slow down (see `newsletter stats`)")
+        return
+    try:
+        deliver_outbox(nl)
+    except MailerError as exc:
+        click.echo(f"{line}: a confirmation email is queued; the worker sends it (SMTP server: {exc})")
+        return
+    outcome, reply = roster.outbox_state(nl, done.email_id)
+    if outcome == "sent":
+        click.echo(f"{line}: sent a confirmation email")
+    elif outcome == "failed":
+        raise Failure(f"{done.address}: the confirmation email was refused: {reply}")
+    else:
+        click.echo(f"{line}: a confirmation email is queued; the worker tries again ({reply})")
 
 
 @subscribers.command("remove")

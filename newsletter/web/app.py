@@ -16,7 +16,7 @@ from ..resources import resource_dir
 from ..runtime import Newsletter, template_loader
 from ..sanitize import html_to_text
 from ..signups import SignupLog
-from . import archive, demo, health, manage, pages, subscribe, unsubscribe
+from . import archive, demo, health, hooks, manage, pages, subscribe, unsubscribe
 from .context import csrf
 
 
@@ -47,7 +47,7 @@ def create_app(config: Config | Newsletter) -> Flask:
     app.extensions["newsletter"] = nl
     app.extensions["newsletter.signups"] = SignupLog(nl.engine, SignupLimit(config.web.rate_limit))
     app.extensions["newsletter.pages"] = {}
-    for module in (pages, subscribe, unsubscribe, manage, archive, health):
+    for module in (pages, subscribe, unsubscribe, manage, archive, health, hooks):
         app.register_blueprint(module.bp)
     if config.demo:
         app.register_blueprint(demo.bp)
