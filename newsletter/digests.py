@@ -147,6 +147,7 @@ class Renderer:
     def __init__(self, nl: Newsletter) -> None:
         self.nl = nl
         self._templates: dict[str, MessageTemplate] = {}
+        self._seeds: dict[str, str] = {}
         self._posts: dict[int, Post] = {}
         self._lock = threading.Lock()
 
@@ -156,12 +157,14 @@ class Renderer:
                 frequency, ids = _parse(contents)
                 posts = self.posts(ids)
                 self._templates[contents] = digest_template(self.nl.config, self.nl.render, frequency, posts)
+                secret = self.nl.config.security.secret_key
+                self._seeds[contents] = hashlib.sha256(f"{secret}:{contents}".encode()).hexdigest()[:16]
             return self._templates[contents]
 
     def message_id(self, digest_id: int, contents: str) -> str:
         """The same for every attempt at one digest, so a resend after a crash is recognisably a duplicate."""
-        seed = hashlib.sha256(f"{self.nl.config.security.secret_key}:{contents}".encode()).hexdigest()[:16]
-        return f"<digest.{digest_id}.{seed}@{self.template(contents).domain}>"
+        domain = self.template(contents).domain
+        return f"<digest.{digest_id}.{self._seeds[contents]}@{domain}>"
 
     def posts(self, ids: Sequence[int]) -> list[Post]:
         """The posts with IDS, oldest first."""
