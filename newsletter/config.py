@@ -14,6 +14,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import tinycss2.color4
 from email_validator import EmailNotValidError, validate_email
 from limits import parse_many
 
@@ -23,6 +24,7 @@ from .text import has_controls, hide_password
 DEFAULT_PATH = "config.toml"
 ENV_PREFIX = "NEWSLETTER_"
 MIN_SECRET_KEY = 32
+EMAIL_CONTENT = ("summary", "full")
 
 
 class ConfigError(Exception):
@@ -39,6 +41,23 @@ class SiteConfig:
     categories: list[str] = field(default_factory=list)
     exclude_categories: list[str] = field(default_factory=list)
     require_approval: bool = False
+    blog_url: str = ""  # default: the site of feed_url, when that is http(s)
+    description: str = ""
+    logo_url: str = ""
+    accent_color: str = "#1f5fbf"  # validated, then written as #rrggbb
+    email_content: str = "summary"
+
+    @property
+    def blog(self) -> str:
+        """The blog's address: blog_url, else the site of an http(s) feed_url, else empty."""
+        if self.blog_url:
+            return self.blog_url
+        return origin_of(self.feed_url) + "/" if self.feed_url.startswith(("http://", "https://")) else ""
+
+    @property
+    def accent_text(self) -> str:
+        """Black or white, whichever reads better on a button of the accent colour."""
+        return "#000000" if _luminance(self.accent_color) > 0.179 else "#ffffff"
 
 
 @dataclass(frozen=True)
@@ -127,6 +146,14 @@ class Config:
     def base_url(self) -> str:
         return self.site.base_url.rstrip("/")
 
+    @property
+    def form_origins(self) -> set[str]:
+        """The sites whose pages may post the subscribe form: ours, the blog's and [web] embed_origins."""
+        origins = {origin_of(self.base_url), *map(origin_of, self.web.embed_origins)}
+        if self.site.blog:
+            origins.add(origin_of(self.site.blog))
+        return origins
+
 
 # each section field has a default_factory, its dataclass (typed as possibly MISSING)
 SECTIONS = {
@@ -134,6 +161,19 @@ SECTIONS = {
     for f in dataclasses.fields(Config)
     if f.name not in ("source", "demo")
 }
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of URL, as a browser's Origin header names a site."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def _luminance(hex_color: str) -> float:
+    """Relative luminance (WCAG 2) of #rrggbb."""
+    channels = [int(hex_color[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
 def _toml_key(field_name: str) -> str:
@@ -232,18 +272,31 @@ def _validated(config: Config) -> Config:
             f"links from being forged; use at least {MIN_SECRET_KEY}, e.g. the output of: "
             'python -c "import secrets; print(secrets.token_urlsafe(48))"'
         )
-    url = urlsplit(config.site.base_url)
-    if (
-        url.scheme not in ("http", "https")
-        or not url.hostname
-        or not config.site.base_url.isascii()
-        or len(config.site.base_url) > 200
-        or any(c in config.site.base_url for c in ' "<>')
-    ):
+    for key in ("base_url", "blog_url", "logo_url"):
+        value = getattr(config.site, key)
+        url = urlsplit(value)
+        if (value or key == "base_url") and (
+            url.scheme not in ("http", "https")
+            or not url.hostname
+            or not value.isascii()
+            or len(value) > (200 if key == "base_url" else 2000)
+            or any(c in value for c in " \"'<>\\")
+            or has_controls(value)
+        ):
+            raise ConfigError(
+                f"{where}: [site] {key} must be an absolute http(s) URL in ASCII (Punycode for IDN, %-escapes "
+                f"for the rest) of at most {200 if key == 'base_url' else 2000} characters, not {value!r}"
+            )
+    if config.site.email_content not in EMAIL_CONTENT:
         raise ConfigError(
-            f"{where}: [site] base_url must be an absolute http(s) URL in ASCII (Punycode for IDN) of at most 200 "
-            f"characters, not {config.site.base_url!r}"
+            f"{where}: [site] email_content must be one of {', '.join(EMAIL_CONTENT)}, "
+            f"not {config.site.email_content!r}"
         )
+    if has_controls(config.site.description.replace("\n", " ")) or len(config.site.description) > 2000:
+        raise ConfigError(f"{where}: [site] description must be plain text of at most 2000 characters")
+    config = dataclasses.replace(
+        config, site=dataclasses.replace(config.site, accent_color=_hex_color(config.site.accent_color, where))
+    )
     if config.smtp.security not in SECURITY_MODES:
         raise ConfigError(
             f"{where}: [smtp] security must be one of {', '.join(SECURITY_MODES)}, not {config.smtp.security!r}"
@@ -275,6 +328,21 @@ def _validated(config: Config) -> Config:
             f"not {hide_password(config.database.url)!r}"
         )
     return config
+
+
+def _hex_color(value: str, where: str) -> str:
+    """VALUE, any opaque CSS colour ("#1f5fbf", "teal", "rgb(31 95 191)", "hsl(…)"), as #rrggbb."""
+    color = tinycss2.color4.parse_color(value.strip()) if value.strip() else None
+    try:
+        srgb = color.to("srgb") if isinstance(color, tinycss2.color4.Color) else None
+    except NotImplementedError:
+        srgb = None
+    if srgb is None or srgb.alpha != 1:
+        raise ConfigError(
+            f'{where}: [site] accent_color must be an opaque CSS colour such as "#1f5fbf", "teal" or '
+            f'"rgb(31 95 191)", not {value!r}'
+        )
+    return "#" + "".join(f"{round(min(max(c, 0), 1) * 255):02x}" for c in srgb.coordinates)
 
 
 def _validate_digest(digest: DigestConfig, where: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import html
 import logging
 import re
 import urllib.request
@@ -28,6 +29,9 @@ MAX_FEED_BYTES = 20 * 1024 * 1024
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 MAX_CATEGORY = 200  # subscriber_categories.category holds as much
 MAX_CATEGORIES = 50
+MAX_AUTHOR = 200
+FIRST_IMAGE = re.compile(r'<img\b[^>]*?\ssrc="([^"]+)"')
+_UNSAFE_URL = re.compile(r'[\s"<>\\]')
 _XML_DECLARATION = re.compile(r"\A\s*<\?xml\b[^>]*\?>")
 _NOT_XML_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _HTML_PAGE = re.compile(r"<(?:!doctype\s+)?html[\s>]", re.IGNORECASE)
@@ -45,6 +49,9 @@ class Entry:
     summary_html: str
     published_at: datetime | None
     categories: tuple[str, ...] = ()
+    author: str = ""
+    image_url: str = ""  # the featured image
+    content_html: str = ""  # the whole post, when the feed carries more than the summary
 
 
 def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
@@ -81,6 +88,9 @@ def read_feed(source: str, timeout: float = 30.0) -> list[Entry]:
                 summary_html=clean_html(_summary(item), base_url=url),
                 published_at=_published(item),
                 categories=_categories(item),
+                author=header_text(_author(item), MAX_AUTHOR),
+                image_url=_image(item, url),
+                content_html=clean_html(_content(item), base_url=url),
             )
         )
     return sorted(entries, key=lambda e: e.published_at or datetime.min.replace(tzinfo=UTC))
@@ -155,11 +165,37 @@ def _categories(item: feedparser.FeedParserDict) -> tuple[str, ...]:
 
 
 def _summary(item: feedparser.FeedParserDict) -> str:
-    if item.get("summary"):
-        return item["summary"]
+    return item.get("summary") or _content(item)
+
+
+def _content(item: feedparser.FeedParserDict) -> str:
     for content in item.get("content", []):
         if content.get("value"):
             return content["value"]
+    return ""
+
+
+def _author(item: feedparser.FeedParserDict) -> str:
+    """The author's name (RSS <author> often carries an address before it; dc:creator does not)."""
+    detail = item.get("author_detail") or {}
+    return strip_controls(detail.get("name") or item.get("author") or "")
+
+
+def _image(item: feedparser.FeedParserDict, base: str) -> str:
+    """The featured image: media:content, media:thumbnail, an image enclosure, else the first <img> of the
+    post, as an absolute http(s) URL; empty when there is none."""
+    candidates = [
+        m.get("url")
+        for m in item.get("media_content") or ()
+        if m.get("medium", "image") == "image" and m.get("type", "image/").startswith("image/")
+    ]
+    candidates += [m.get("url") for m in item.get("media_thumbnail") or ()]
+    candidates += [e.get("href") for e in item.get("enclosures") or () if (e.get("type") or "").startswith("image/")]
+    candidates += FIRST_IMAGE.findall(clean_html(_content(item) or _summary(item), base_url=base))[:1]
+    for candidate in candidates:
+        src = urljoin(base, html.unescape(strip_controls(candidate or "")).strip())
+        if urlsplit(src).scheme.lower() in ("http", "https") and len(src) <= 2048 and not _UNSAFE_URL.search(src):
+            return src
     return ""
 
 
@@ -188,6 +224,9 @@ def record_entries(
             summary_html=entry.summary_html,
             published_at=entry.published_at,
             categories=list(entry.categories),
+            author=entry.author,
+            image_url=entry.image_url,
+            content_html=entry.content_html,
             source="feed",
             announced_at=now if first_fetch and not announce_existing else None,
             needs_approval=needs_approval,

@@ -124,6 +124,9 @@ class Post(Base):
     url: Mapped[str] = mapped_column(String(2048))
     title: Mapped[str] = mapped_column(String(1024))
     summary_html: Mapped[str] = mapped_column(Text, default="")
+    content_html: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+    author: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
+    image_url: Mapped[str] = mapped_column(String(2048), default="", server_default=text("''"))  # the featured image
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

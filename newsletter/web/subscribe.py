@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, render_template, request
 from werkzeug.exceptions import Forbidden, TooManyRequests
 
-from ..config import FREQUENCIES
+from ..config import FREQUENCIES, origin_of
 from ..models import Status, Subscriber
 from ..subscriptions import InvalidAddress, confirm, confirmable, normalize, set_frequency
 from ..tokens import ExpiredToken, InvalidToken
@@ -41,7 +40,7 @@ def submit() -> tuple[str, int]:
         origin = request.headers.get("Origin", "")[:200]
         current_app.logger.warning(
             "sign-up refused: the form was posted from %r, which is not accepted; if that is the blog, "
-            "set [site] feed_url to the blog's feed or add %r to [web] embed_origins",
+            "set [site] blog_url to the blog's address or add %r to [web] embed_origins",
             origin,
             origin,
         )
@@ -81,20 +80,11 @@ def _origin_allowed() -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    config = newsletter().config
-    allowed = {*_own_origins(), *map(_origin_of, config.web.embed_origins)}
-    if config.site.feed_url.startswith(("http://", "https://")):
-        allowed.add(_origin_of(config.site.feed_url))
-    return origin.rstrip("/") in allowed
+    return origin.rstrip("/").lower() in {origin_of(request.host_url), *newsletter().config.form_origins}
 
 
 def _own_origins() -> set[str]:
-    return {_origin_of(request.host_url), _origin_of(newsletter().config.base_url)}
-
-
-def _origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    return {origin_of(request.host_url), origin_of(newsletter().config.base_url)}
 
 
 def _doubt() -> str | None:
@@ -125,7 +115,7 @@ def _from_another_site() -> bool:
     if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
         return True
     origin = request.headers.get("Origin")
-    return origin not in (None, "null") and origin.rstrip("/") not in _own_origins()
+    return origin not in (None, "null") and origin.rstrip("/").lower() not in _own_origins()
 
 
 def _confirmable(token: str) -> tuple[Subscriber | None, str | None]:
