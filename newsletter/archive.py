@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, and_, func, select
 
+from .messages import inline_css, notification_context
 from .models import Post
 from .runtime import Newsletter
 
@@ -53,4 +54,7 @@ def post(nl: Newsletter, post_id: int) -> Post | None:
 
 def web_view(nl: Newsletter, emailed: Post) -> str:
     """The HTML of the post's email as readers got it, with the footer that names no reader."""
-    return nl.render("email/notification.html", post=emailed, unsubscribe_url=None, web_view=True)
+    html = nl.render(
+        "email/notification.html", **notification_context(nl.config, emailed), unsubscribe_url=None, web_view=True
+    )
+    return inline_css(html)

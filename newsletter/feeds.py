@@ -10,6 +10,7 @@ import urllib.request
 import xml.sax
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urljoin, urlsplit
@@ -176,9 +177,15 @@ def _content(item: feedparser.FeedParserDict) -> str:
 
 
 def _author(item: feedparser.FeedParserDict) -> str:
-    """The author's name (RSS <author> often carries an address before it; dc:creator does not)."""
+    """The author's name. RSS <author> is an address, often with the name ("ada@blog.example (Ada)"), which
+    feedparser splits with a pattern that misreads long top-level domains, so that form is read here; an
+    address alone names no one. dc:creator and Atom's <name> are names."""
+    written = strip_controls(item.get("author") or "")
+    name, address = parseaddr(written)
+    if "@" in address and address in written:
+        return name
     detail = item.get("author_detail") or {}
-    return strip_controls(detail.get("name") or item.get("author") or "")
+    return strip_controls(detail.get("name") or written)
 
 
 def _image(item: feedparser.FeedParserDict, base: str) -> str:

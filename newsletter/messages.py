@@ -1,13 +1,15 @@
 """Render emails to the exact bytes that go over SMTP.
 
-A notification is rendered once per post; for each recipient only the To, Message-ID and unsubscribe
-link are filled in, so a large list costs a string replace and a quoted-printable encode per message.
+A notification is rendered once per post, its CSS inlined then; for each recipient only the To, Message-ID
+and unsubscribe link are filled in, so a large list costs a string replace and a quoted-printable encode per
+message.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,12 +18,21 @@ from email.utils import format_datetime, make_msgid
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
+import css_inline
+
 from .config import Config
+from .sanitize import image_sources
 from .text import header_text
+
+log = logging.getLogger(__name__)
 
 ENCODED_WORD_BYTES = 45  # base64 of 45 bytes is 60 characters: "=?utf-8?b?" + 60 + "?=" is 72
 
 Render = Callable[..., str]
+
+# The whole <style> block stays: mail apps that read it get the media query, and a short email with an image
+# (the logo) is not taken for an image-only one (SpamAssassin's HTML_IMAGE_ONLY_* count the HTML's bytes).
+_INLINER = css_inline.CSSInliner(keep_style_tags=True, keep_link_tags=True, load_remote_stylesheets=False)
 
 
 class PostLike(Protocol):
@@ -76,6 +87,16 @@ def _unstructured(name: str, text: str) -> bytes:
         line += " " + word
     lines.append(line)
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def inline_css(html: str) -> str:
+    """HTML with the rules of its <style> blocks copied onto the elements they apply to, for mail clients that
+    drop <style> (the block stays for those that read it); unchanged, with a warning, when unreadable."""
+    try:
+        return _INLINER.inline(html)
+    except css_inline.InlineError as exc:
+        log.warning("the email's CSS was not inlined: %s", exc)
+        return html
 
 
 def list_id(config: Config) -> str:
@@ -218,10 +239,25 @@ def message_template(
     )
 
 
+def notification_context(config: Config, post: PostLike) -> dict[str, object]:
+    """What templates/email/notification.* show besides the post: its body (the summary, or with [site]
+    email_content = "full" the whole post when the feed carries it) and its featured image, unless the body
+    shows that image already.
+
+    A post's author, published_at, image_url and content_html are read when it has them (a sample has not).
+    """
+    content = getattr(post, "content_html", None) or ""
+    body = content if config.site.email_content == "full" and content else post.summary_html
+    image = getattr(post, "image_url", None) or ""
+    return {"post": post, "body_html": body, "featured_image": "" if image in image_sources(body) else image}
+
+
 def notification_template(config: Config, render: Render, post: PostLike) -> MessageTemplate:
     """The new-post email for every recipient; fill in with render(to, message_id, unsubscribe_url, manage_url)."""
     archive_url = f"{config.base_url}/archive/{post.id}" if config.site.archive else None
-    return _list_template(config, render, "notification", post.title, post=post, archive_url=archive_url)
+    return _list_template(
+        config, render, "notification", post.title, archive_url=archive_url, **notification_context(config, post)
+    )
 
 
 DIGEST_NAMES = {"daily": "Daily digest", "weekly": "Weekly digest", "instant": "Posts you missed"}
@@ -240,14 +276,15 @@ def digest_template(config: Config, render: Render, frequency: str, posts: Seque
 
 
 def _list_template(config: Config, render: Render, name: str, subject: str, **context: object) -> MessageTemplate:
-    """An email to the list from templates/email/NAME.{txt,html}, with each reader's links left open."""
+    """An email to the list from templates/email/NAME.{txt,html}, with each reader's links left open: the CSS
+    is inlined here, once, and the links are filled in afterwards."""
     links = RecipientLinks.new()
     context = {**context, "unsubscribe_url": links.unsubscribe, "manage_url": links.manage}
     return message_template(
         config,
         subject,
         render(f"email/{name}.txt", **context),
-        render(f"email/{name}.html", **context),
+        inline_css(render(f"email/{name}.html", **context)),
         _header("List-Id", list_id(config)) + b"Precedence: bulk\r\n",
         links,
     )
@@ -256,6 +293,6 @@ def _list_template(config: Config, render: Render, name: str, subject: str, **co
 def single_message(config: Config, render: Render, name: str, subject: str, recipient: str, **context: object) -> bytes:
     """A one-off email (confirmation, welcome) from templates/email/NAME.{txt,html}."""
     template = message_template(
-        config, subject, render(f"email/{name}.txt", **context), render(f"email/{name}.html", **context)
+        config, subject, render(f"email/{name}.txt", **context), inline_css(render(f"email/{name}.html", **context))
     )
     return template.render(recipient, template.new_message_id())

@@ -36,9 +36,24 @@ ALLOWED_TAGS = {
     "sup",
     "u",
     "ul",
+    "table",
+    "caption",
+    "thead",
+    "tbody",
+    "tfoot",
+    "tr",
+    "th",
+    "td",
 }
-ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "img": {"src", "alt", "width", "height"}, "abbr": {"title"}}
+ALLOWED_ATTRIBUTES = {
+    "a": {"href", "title"},
+    "img": {"src", "alt", "width", "height"},
+    "abbr": {"title"},
+    "td": {"colspan", "rowspan"},
+    "th": {"colspan", "rowspan"},
+}
 BLOCKS = {"p", "div", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "figure", "hr", "table"}
+CELLS = {"td", "th"}
 _TAG = re.compile(r"<[^>]*>")
 
 
@@ -69,12 +84,17 @@ class _TextWriter(HTMLParser):
         self.parts: list[str] = []
         self.href: str | None = None
         self.link_text: list[str] = []
+        self.cells = 0  # in the current table row
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in BLOCKS:
             self.parts.append("\n\n")
-        elif tag == "br":
+        elif tag in ("br", "tr", "caption"):
             self.parts.append("\n")
+            self.cells = 0
+        elif tag in CELLS:
+            self.parts.append(" | " if self.cells else "")
+            self.cells += 1
         elif tag == "li":
             self.parts.append("\n- ")
         elif tag == "a":
@@ -92,6 +112,24 @@ class _TextWriter(HTMLParser):
         self.parts.append(data)
         if self.href is not None:
             self.link_text.append(data)
+
+
+class _ImageSources(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img" and (src := dict(attrs).get("src")):
+            self.sources.append(src)
+
+
+def image_sources(fragment: str) -> list[str]:
+    """The src of each <img> in FRAGMENT, in order, with entities decoded."""
+    parser = _ImageSources()
+    parser.feed(fragment)
+    parser.close()
+    return parser.sources
 
 
 def html_to_text(fragment: str) -> str:

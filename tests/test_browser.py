@@ -267,17 +267,9 @@ def test_reader_subscribes_confirms_and_unsubscribes_in_a_browser(site, smtp, ru
     assert page.problems == []
 
 
-def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(
-    site,
-    smtp,
-    run,
-    page,
-    blog,
-    copycat,
-) -> None:
-    snippet = run("embed").output
-    assert f'action="{site.nl.config.base_url}/subscribe"' in snippet
-    blog.html = copycat.html = f"""<!doctype html>
+def blog_page(snippet: str) -> str:
+    """A post on the blog with the owner's snippet in the sidebar."""
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Harbour Notes</title>
 <style>body {{ font: 16px/1.5 Georgia, serif; margin: 0 auto; padding: 1rem; max-width: 46rem; }}</style>
@@ -285,9 +277,22 @@ def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(
 <header><h1>Harbour Notes</h1></header>
 <article><h2>Market prices: a quiet week</h2><p>Boats in, nets mended, prices steady along the quay.</p></article>
 <aside>
-{site.url(snippet)}
+{snippet}
 </aside>
 </body></html>"""
+
+
+def answer_in_place(page) -> str:
+    """Press Subscribe on the embedded form and wait for what it says beside the form."""
+    page.get_by_role("button", name="Subscribe").click()
+    page.wait_for_function("() => document.querySelector('[role=status]').textContent.trim() !== ''")
+    return page.get_by_role("status").inner_text()
+
+
+def test_form_embedded_on_the_blog_answers_in_place_in_a_browser(site, smtp, run, page, blog) -> None:
+    snippet = run("embed").stdout
+    assert f'action="{site.nl.config.base_url}/subscribe"' in snippet and "<script>" in snippet
+    blog.html = blog_page(site.url(snippet))
 
     assert page.goto(f"{blog.origin}/").status == 200
     email = page.get_by_label("Get new posts by email", exact=True)
@@ -295,13 +300,58 @@ def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(
     honeypot_is_out_of_sight(page)
     shoot(page, "08-embed-host")
 
+    # An address the browser lets through but we cannot mail: the reason appears under the form.
+    email.fill("fan@example")
+    said = answer_in_place(page)
+    assert "It should have a period." in said and "Check your inbox" not in said, said
+    assert page.url == f"{blog.origin}/" and page.get_by_role("button", name="Subscribe").is_enabled()
+    assert page.problems == [f"400: {site.base}/subscribe"]  # the answer the script read, not a fault
+    page.problems.clear()
+    shoot(page, "08-embed-error")
+
+    page.get_by_role("button", name="Subscribe").evaluate(
+        "b => { window.pressed = []; new MutationObserver(() => pressed.push(b.disabled)).observe(b, {attributes: 1}) }"
+    )
     assert page.context.cookies(site.base) == []
     email.fill("fan@example.com")
+    with page.expect_request(f"{site.base}/subscribe") as sent:
+        said = answer_in_place(page)
+    headers = sent.value.all_headers()
+    assert sent.value.method == "POST" and headers.get("origin") == blog.origin and "cookie" not in headers
+    assert headers.get("accept") == "application/json"
+    assert said.startswith("Check your inbox"), said
+    assert page.url == f"{blog.origin}/" and heading(page) == "Harbour Notes"  # still on the blog
+    assert page.evaluate("pressed")[0] is True  # the button was disabled while the form was on its way
+    assert not page.get_by_role("button", name="Subscribe").is_visible() and not email.is_visible()
+    assert page.context.cookies(site.base) == []
+    shoot(page, "08-embed-check-inbox")
+
+    site.record_signups()
+    assert subscriber(site.nl, "fan@example.com").status == Status.UNCONFIRMED
+    site.deliver_outbox()
+    assert smtp.subjects("fan@example.com") == ["Confirm your subscription to Harbour Notes"]
+    assert page.problems == []
+
+
+def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(site, smtp, run, browser, blog, copycat) -> None:
+    """With JavaScript off the snippet is a plain form: the reader lands on our "Check your inbox" page."""
+    snippet = run("embed").stdout
+    blog.html = copycat.html = blog_page(site.url(snippet))
+    context = browser.new_context(
+        viewport={"width": WIDTHS[-1], "height": 800}, locale="en-GB", java_script_enabled=False
+    )
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+
+    assert page.goto(f"{blog.origin}/").status == 200
+    assert page.context.cookies(site.base) == []
+    page.get_by_label("Get new posts by email", exact=True).fill("fan@example.com")
     with page.expect_request(f"{site.base}/subscribe") as sent:
         accepted = submit(page, "Subscribe", f"{site.base}/subscribe")
     headers = sent.value.all_headers()
     assert sent.value.method == "POST" and headers.get("origin") == blog.origin and "cookie" not in headers
     assert accepted.status == 200 and heading(page) == "Check your inbox"
+    shoot(page, "08-embed-no-script-check-inbox")
     site.record_signups()
     assert subscriber(site.nl, "fan@example.com").status == Status.UNCONFIRMED
     site.deliver_outbox()
@@ -311,12 +361,29 @@ def test_form_embedded_on_the_blog_posts_cross_origin_in_a_browser(
     page.goto(f"{copycat.origin}/")
     page.get_by_label("Get new posts by email", exact=True).fill("victim@example.com")
     refused = submit(page, "Subscribe", f"{site.base}/subscribe")
-    assert refused.status == 403
+    assert refused.status == 403 and heading(page) == "Sign up on the newsletter's own page"
     site.record_signups()
     with site.nl.sessions() as session:
         assert session.scalars(select(Subscriber.email)).all() == ["fan@example.com"]
+    context.close()
 
-    assert page.problems == []
+
+def test_a_copy_of_the_form_on_another_site_says_where_to_sign_up_in_a_browser(site, run, page, copycat) -> None:
+    copycat.html = blog_page(site.url(run("embed").stdout))
+    assert page.goto(f"{copycat.origin}/").status == 200
+    page.get_by_label("Get new posts by email", exact=True).fill("victim@example.com")
+    said = answer_in_place(page)
+    assert said == "Could not subscribe here. Please sign up on the newsletter's own page.", said
+    link = page.get_by_role("link", name="the newsletter's own page")
+    assert link.get_attribute("href") == f"{site.base}/"
+    assert page.url == f"{copycat.origin}/" and page.get_by_role("button", name="Subscribe").is_enabled()
+    shoot(page, "08-embed-copycat")
+    site.record_signups()
+    with site.nl.sessions() as session:
+        assert session.scalars(select(Subscriber.email)).all() == []
+    [console] = [problem for problem in page.problems if problem.startswith("console:")]
+    assert "blocked by CORS policy" in console  # the browser withheld our answer from the copy's script
+    assert sorted(page.problems) == sorted([console, f"request failed: {site.base}/subscribe net::ERR_FAILED"])
 
 
 def test_a_wide_feed_image_fits_the_notification_on_a_phone(site, smtp, run, feed, page, blog) -> None:

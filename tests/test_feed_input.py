@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
+from sqlalchemy import select
+
+from newsletter.models import Post
 
 from .conftest import FEEDS, publish
 from .test_cli import failure, newsletter, ok
@@ -263,3 +266,100 @@ def test_every_sample_feed_is_read_whole(nl, run: Run, config_file: Path, feed: 
     assert entries > 0
     assert ok(run("posts", "fetch", "--announce-existing")).strip() == f"{entries} new post(s)"
     assert len(ok(run("posts", "list")).splitlines()) == entries
+
+
+# ---- what a notification shows of a post: author, featured image, full content ---------------------
+
+
+MEDIA_FEED = """<?xml version="1.0" encoding="UTF-8"?>
+<rss version="2.0" xmlns:media="http://search.yahoo.com/mrss/" xmlns:dc="http://purl.org/dc/elements/1.1/"
+  xmlns:content="http://purl.org/rss/1.0/modules/content/">
+<channel><title>Harbour Notes</title><link>https://harbour-notes.example/</link><description>Quay news</description>
+<item><title>The new crane</title><link>https://harbour-notes.example/2025/04/crane/</link>
+<guid>https://harbour-notes.example/2025/04/crane/</guid><pubDate>Thu, 03 Apr 2025 10:00:00 +0000</pubDate>
+{tags}
+<description><![CDATA[{summary}]]></description>{content}
+</item>
+</channel></rss>
+"""
+SITE = "https://harbour-notes.example"
+FIRST_IMG = '<p>Up it goes. <img src="/uploads/in-text.jpg" alt=""> <img src="/uploads/second.jpg" alt=""></p>'
+
+
+def fetched(run: Run, nl, feed: Path, tags: str = "", summary: str = "<p>Up it goes.</p>", content: str = "") -> Post:
+    """The post the blog's feed gives with TAGS in its item, after `posts fetch`."""
+    encoded = f"<content:encoded><![CDATA[{content}]]></content:encoded>" if content else ""
+    feed.write_text(MEDIA_FEED.format(tags=tags, summary=summary, content=encoded), encoding="utf-8")
+    assert ok(run("posts", "fetch", "--announce-existing")).strip() == "1 new post(s)"
+    with nl.sessions() as session:
+        return session.scalars(select(Post)).one()
+
+
+@pytest.mark.parametrize(
+    "tags, summary, image",
+    [
+        (f'<media:content url="{SITE}/uploads/crane.jpg" medium="image" type="image/jpeg"/>', FIRST_IMG, "crane.jpg"),
+        (
+            f'<media:content url="{SITE}/uploads/crane.mp4" medium="video" type="video/mp4"/>'
+            f'<media:thumbnail url="{SITE}/uploads/thumb.jpg"/>',
+            FIRST_IMG,
+            "thumb.jpg",
+        ),
+        (
+            f'<enclosure url="{SITE}/uploads/talk.mp3" type="audio/mpeg" length="1"/>'
+            f'<enclosure url="{SITE}/uploads/cover.png" type="image/png" length="1"/>',
+            FIRST_IMG,
+            "cover.png",
+        ),
+        (f'<enclosure url="{SITE}/uploads/talk.mp3" type="audio/mpeg" length="1"/>', FIRST_IMG, "in-text.jpg"),
+        ("", FIRST_IMG, "in-text.jpg"),
+        ('<media:thumbnail url="../../../uploads/relative.jpg"/>', "", "relative.jpg"),
+        ('<media:content url="javascript:alert(1)" medium="image"/>', FIRST_IMG, "in-text.jpg"),
+        ('<media:thumbnail url="data:image/png;base64,iVBORw0KGgo="/>', "<p>No picture.</p>", None),
+        ("", '<p><img src="data:image/png;base64,iVBORw0KGgo=" alt=""> <img src="javascript:x"></p>', None),
+    ],
+    ids=[
+        "media:content",
+        "media:thumbnail beside a video",
+        "image enclosure",
+        "first img when the enclosure is audio",
+        "first img",
+        "relative URL made absolute",
+        "javascript: refused",
+        "data: refused",
+        "no usable image",
+    ],
+)
+def test_the_featured_image_comes_from_the_feed(nl, run: Run, feed: Path, tags: str, summary: str, image) -> None:
+    post = fetched(run, nl, feed, tags, summary)
+    assert post.image_url == (f"{SITE}/uploads/{image}" if image else "")
+
+
+@pytest.mark.parametrize(
+    "tags, author",
+    [
+        ("<dc:creator><![CDATA[Ada Quay]]></dc:creator>", "Ada Quay"),
+        ("<author>ada@harbour-notes.example (Ada Quay)</author>", "Ada Quay"),
+        ("<author>ada@example.com (Ada Quay)</author>", "Ada Quay"),
+        ("<author>Ada Quay &lt;ada@harbour-notes.example&gt;</author>", "Ada Quay"),
+        ("<author>ada@harbour-notes.example</author>", ""),  # an address names no one
+        ("<dc:creator>Ada @ the quay</dc:creator>", "Ada @ the quay"),
+        ("", ""),
+    ],
+)
+def test_the_author_comes_from_dc_creator_or_rss_author(nl, run: Run, feed: Path, tags: str, author: str) -> None:
+    assert fetched(run, nl, feed, tags).author == author
+
+
+def test_full_content_is_kept_sanitised_beside_the_summary(nl, run: Run, feed: Path) -> None:
+    content = (
+        '<p>Up it goes.</p><script>alert(1)</script><p onclick="x()">Then <a href="/plans/">the plans</a>.</p>'
+        '<table style="width:1600px"><tr><th>Berth</th><td colspan="2">North</td></tr></table>'
+    )
+    post = fetched(run, nl, feed, summary="<p>Up it goes.</p>", content=content)
+    assert post.summary_html == "<p>Up it goes.</p>"
+    assert (
+        "<script" not in post.content_html and "alert" not in post.content_html and "onclick" not in post.content_html
+    )
+    assert f'<a href="{SITE}/plans/" rel="noopener noreferrer">the plans</a>' in post.content_html
+    assert '<table><tbody><tr><th>Berth</th><td colspan="2">North</td></tr></tbody></table>' in post.content_html

@@ -170,18 +170,40 @@ def worker(state: State, once: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--no-script",
+    is_flag=True,
+    help="Only the plain form, for a blog whose Content-Security-Policy forbids inline scripts.",
+)
 @pass_state
-def embed(state: State) -> None:
+def embed(state: State, no_script: bool) -> None:
     """Print an HTML form to paste into the blog (a sidebar widget) that subscribes readers here.
 
-    It posts straight to this site's /subscribe, from any page of the blog, and needs no script.
+    With JavaScript on, its small inline script sends the form from the blog's page and shows "Check your
+    inbox", or what to fix, in place: the reader stays on the blog. Without JavaScript (or with --no-script)
+    the form posts to this site's /subscribe and the reader lands on its "Check your inbox" page.
+
+    Either way the form is only accepted from the blog's site: set [site] blog_url to the blog's address (by
+    default the site of an http(s) feed_url), and list any other site that carries the form in
+    [web] embed_origins, e.g. embed_origins = ["https://www.example.com"].
 
     \b
     Example:
       $ newsletter embed > subscribe-widget.html
     """
     nl = state.newsletter()
-    click.echo(nl.render("web/embed.html", action=f"{nl.config.base_url}/subscribe"))
+    config = nl.config
+    if not config.site.blog and not config.web.embed_origins:
+        click.echo(
+            "warning: no blog site is set, so this form is refused on the blog: set [site] blog_url to the "
+            "blog's address, or list the blog's origin in [web] embed_origins",
+            err=True,
+        )
+    click.echo(
+        nl.render(
+            "web/embed.html", action=f"{config.base_url}/subscribe", page=f"{config.base_url}/", script=not no_script
+        )
+    )
 
 
 @click.command()

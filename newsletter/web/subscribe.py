@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 
-from flask import Blueprint, current_app, render_template, request
-from werkzeug.exceptions import Forbidden, TooManyRequests
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import Forbidden, HTTPException, TooManyRequests
 
 from ..config import FREQUENCIES, origin_of
 from ..models import Status, Subscriber
 from ..subscriptions import InvalidAddress, confirm, confirmable, normalize, set_frequency
 from ..tokens import ExpiredToken, InvalidToken
 from .context import csrf, newsletter, rendered_pages, requester, session, signup_log
-from .pages import subscribe_form
+from .pages import FRIENDLY, subscribe_form
 
 bp = Blueprint("subscribe", __name__)
 
@@ -28,14 +29,32 @@ class ForeignForm(Forbidden):
 
 
 FORM_MAX_AGE = 24 * 3600
+CHECK_INBOX = (
+    "Check your inbox: if that address can receive our emails, a message with a confirmation link is on its way. "
+    "Open it and confirm to start getting new posts."
+)
+PREFLIGHT_MAX_AGE = 3600
 
 
 @bp.post("/subscribe")
-def submit() -> tuple[str, int]:
-    """Every accepted form gets the same page, whether the address is new, known, or a bot's.
+def submit() -> ResponseReturnValue:
+    """Every accepted form gets the same answer, whether the address is new, known, or a bot's.
 
-    The sign-up is only stored here; the worker records the subscriber and queues the confirmation email.
+    A browser asks for HTML and gets a page; the script of the blog's embedded form asks for JSON
+    (`Accept: application/json`) and gets {"ok": ..., "message": ...} with the same status.
     """
+    if not _wants_json():
+        return _sign_up()
+    try:
+        return _sign_up()
+    except HTTPException as exc:
+        _, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
+        headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
+        return _json(False, message or "", exc.code or 500, headers)
+
+
+def _sign_up() -> ResponseReturnValue:
+    """The sign-up is only stored here; the worker records the subscriber and queues the confirmation email."""
     if not _origin_allowed():
         origin = request.headers.get("Origin", "")[:200]
         current_app.logger.warning(
@@ -46,19 +65,64 @@ def submit() -> tuple[str, int]:
         )
         raise ForeignForm()
     if "email" not in request.form:
-        return subscribe_form(error="Please enter your email address."), 400
+        return _refused("Please enter your email address.")
     address = request.form["email"]
     try:
         validated = normalize(address)
     except InvalidAddress as exc:
-        return subscribe_form(error=str(exc), email=address[:320]), 400
+        return _refused(str(exc), email=address[:320])
     doubt = _doubt()
     if doubt is not None:
-        return subscribe_form(notice=f"{doubt} Nothing was sent yet: please press Subscribe again.", email=address), 400
+        return _refused(
+            f"{doubt} Nothing was sent yet: please press Subscribe again.", email=address, about_address=False
+        )
     wait = signup_log().add(validated.normalized, requester())
     if wait is not None:
         raise TooManyRequests(retry_after=math.ceil(wait))
+    if _wants_json():
+        return _json(True, CHECK_INBOX, 200)
     return _check_inbox()
+
+
+def _refused(message: str, email: str = "", about_address: bool = True) -> ResponseReturnValue:
+    """400: the form again with MESSAGE beside the address (or above the form when not ABOUT_ADDRESS)."""
+    if _wants_json():
+        return _json(False, message, 400)
+    if about_address:
+        return subscribe_form(error=message, email=email), 400
+    return subscribe_form(notice=message, email=email), 400
+
+
+def _wants_json() -> bool:
+    return request.accept_mimetypes.best_match(("text/html", "application/json")) == "application/json"
+
+
+def _json(ok: bool, message: str, status: int, headers: list[tuple[str, str]] | None = None) -> Response:
+    response = jsonify(ok=ok, message=message)
+    response.status_code = status
+    response.headers.extend(headers or [])
+    return response
+
+
+@bp.after_request
+def _cors(response: Response) -> Response:
+    """Let the script of the form embedded in the blog read the answer, and nobody else's script.
+
+    Only for the blog's site and [web] embed_origins, never with credentials; a preflight is answered for
+    them too, though the snippet's post needs none. Our own pages post from the same origin and need no header.
+    """
+    if request.endpoint != "subscribe.submit":
+        return response
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if origin is None or origin.rstrip("/").lower() not in newsletter().config.form_origins:
+        return response
+    response.headers["Access-Control-Allow-Origin"] = origin
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "POST"
+        response.headers["Access-Control-Allow-Headers"] = "Accept, Content-Type"
+        response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE)
+    return response
 
 
 def _check_inbox() -> tuple[str, int]:
