@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from flask import Flask, Request, g, request
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import MapAdapter
 
@@ -28,7 +29,6 @@ def create_app(config: Config | Newsletter) -> Flask:
     app.config.update(
         SECRET_KEY=config.security.secret_key,
         MAX_CONTENT_LENGTH=64 * 1024,
-        TRUSTED_HOSTS=[public_host(config.base_url), *LOOPBACK],
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SECURE=config.base_url.startswith("https://"),
         SESSION_COOKIE_SAMESITE="Lax",
@@ -36,6 +36,7 @@ def create_app(config: Config | Newsletter) -> Flask:
         WTF_CSRF_CHECK_DEFAULT=False,
         WTF_CSRF_SSL_STRICT=False,
     )
+    app.served_hosts = frozenset({public_host(config.base_url), *LOOPBACK})
     app.session_interface = _SessionInterface()
     if config.web.trusted_proxies:
         n = config.web.trusted_proxies
@@ -58,6 +59,7 @@ def create_app(config: Config | Newsletter) -> Flask:
 
 LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 ANY_HOST_PATHS = frozenset({"/healthz"})
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
 
 
 def public_host(base_url: str) -> str:
@@ -67,18 +69,22 @@ def public_host(base_url: str) -> str:
 
 
 class _App(Flask):
-    """Flask's TRUSTED_HOSTS answers 400 to a Host other than base_url's or a loopback name; this app still
-    gives such a request its error page, with links built for base_url. The health check answers whatever
-    the Host, since load balancers and container probes ask by IP address.
+    """Answers only a Host naming base_url's host or a loopback name (any port), and gives any other its error
+    page, with links built for base_url. The health check answers whatever the Host, since load balancers and
+    container probes ask by IP address. (Flask's TRUSTED_HOSTS is not used: Werkzeug 3.1.9 matches no IPv6
+    name in it.)
     """
 
+    served_hosts: frozenset[str] = frozenset()
+
     def create_url_adapter(self, request: Request | None) -> MapAdapter | None:
-        try:
-            return super().create_url_adapter(request)
-        except HTTPException:
-            if request is None:
-                raise
+        if request is not None and not self._addressed_to_us(request):
             return self._another_host(request)
+        return super().create_url_adapter(request)
+
+    def _addressed_to_us(self, request: Request) -> bool:
+        named = HOST_HEADER.fullmatch(request.headers.get("Host", "").lower())
+        return named is not None and named.group(1) in self.served_hosts
 
     def _another_host(self, request: Request) -> MapAdapter:
         base_url = self.extensions["newsletter"].config.base_url
