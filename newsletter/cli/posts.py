@@ -156,7 +156,8 @@ def posts_preview(state: State, post_id: int, html_file: Path | None, text_only:
     except post_service.PostError as exc:
         raise Failure(str(exc)) from None
     if html_file is None and not text_only:
-        click.get_binary_stream("stdout").write(message)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(message)
         return
     parsed = email.message_from_bytes(message, _class=EmailMessage, policy=email.policy.default)
     part = parsed.get_body(("plain",) if text_only else ("html",))
