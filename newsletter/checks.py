@@ -1,7 +1,8 @@
 """`newsletter check`: what a site owner would otherwise learn from bounces and spam folders.
 
-Each check is one line: ok (True), a problem to fix (False), or information (None). Nothing here
-changes any state; the SMTP check opens one session and closes it without sending.
+Each check is one line: ok (True), a problem to fix (False), or information (None), which is a warning
+when `warn` is set: worth acting on, though the mail goes out. Nothing here changes any state; the SMTP
+check opens one session and closes it without sending.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError
+from .config import MIN_LINK_CONTRAST, Config, ConfigError, contrast_ratio, origin_of
 from .mailer import MailerError
 from .messages import notification_template
 from .runtime import Newsletter
@@ -68,6 +69,7 @@ class Check:
     name: str
     ok: bool | None  # True: fine, False: fix this, None: information
     detail: str
+    warn: bool = False  # information that asks for a change: printed as "warn", the exit status stays 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ def run_checks(nl: Newsletter) -> list[Check]:
     checks.append(check_from(config, signer))
     checks.append(check_smtp(nl))
     checks.append(dkim_check)
+    checks.append(check_form_origins(config))
+    checks.append(check_accent(config))
     checks.append(sample_headers(nl, signer))
     return checks
 
@@ -109,6 +113,54 @@ def check_base_url(config: Config) -> Check:
             "cannot open its links; set it to the site's public address",
         )
     return Check("base_url", True, f"links in emails start with {config.base_url}")
+
+
+FEED_HOST_NAMES = ("feedburner", "feedpress", "feedblitz")
+
+
+def check_form_origins(config: Config) -> Check:
+    """Where the subscribe form is accepted from; a warning when the blog's own site is not known or is a guess
+    that names a feed service."""
+    base = origin_of(config.base_url)
+    accepted = "accepted from " + ", ".join([base, *sorted(config.form_origins - {base})])
+    site = config.site
+    if not site.blog:
+        return Check(
+            "form origins",
+            None,
+            f"{accepted}; the blog's own site is not among them, so the form embedded on the blog is refused "
+            "(unless [web] embed_origins lists it) and pages have no link back to the blog\n"
+            'set [site] blog_url to the blog\'s address, e.g. blog_url = "https://blog.example.com/"',
+            warn=True,
+        )
+    feed_host = urlsplit(site.feed_url).hostname or ""
+    if not site.blog_url and (feed_host.startswith("feeds.") or any(n in feed_host for n in FEED_HOST_NAMES)):
+        return Check(
+            "form origins",
+            None,
+            f"{accepted}; the blog's site, {origin_of(site.blog)}, is guessed from [site] feed_url, and "
+            f"{feed_host} looks like a feed service rather than the blog\n"
+            "set [site] blog_url to the blog's address, so the form embedded on the blog is accepted and "
+            "pages link back to it",
+            warn=True,
+        )
+    source = "[site] blog_url" if site.blog_url else "the site of [site] feed_url"
+    return Check("form origins", True, f"{accepted} (the blog: {origin_of(site.blog)}, {source})")
+
+
+def check_accent(config: Config) -> Check:
+    color = config.site.accent_color
+    ratio = contrast_ratio(color)
+    if ratio < MIN_LINK_CONTRAST:
+        return Check(
+            "accent_color",
+            None,
+            f"{color} has a contrast of {ratio:.1f}:1 against white (under 3:1): links in it would be hard to "
+            "read, so pages and emails show links in the text colour and only buttons take the accent; choose a darker "
+            "[site] accent_color to colour links too",
+            warn=True,
+        )
+    return Check("accent_color", True, f"{color} for buttons and links, a contrast of {ratio:.1f}:1 against white")
 
 
 def is_free_mail(domain: str) -> bool:

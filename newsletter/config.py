@@ -25,6 +25,8 @@ DEFAULT_PATH = "config.toml"
 ENV_PREFIX = "NEWSLETTER_"
 MIN_SECRET_KEY = 32
 EMAIL_CONTENT = ("summary", "full")
+MIN_LINK_CONTRAST = 3.0  # of [site] accent_color against white, for links to take it
+TEXT_COLOR = "#1d2430"  # of pages and emails
 
 
 class ConfigError(Exception):
@@ -58,6 +60,11 @@ class SiteConfig:
     def accent_text(self) -> str:
         """Black or white, whichever reads better on a button of the accent colour."""
         return "#000000" if _luminance(self.accent_color) > 0.179 else "#ffffff"
+
+    @property
+    def link_color(self) -> str:
+        """The accent, or the text colour when the accent is too pale to read on white."""
+        return self.accent_color if contrast_ratio(self.accent_color) >= MIN_LINK_CONTRAST else TEXT_COLOR
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,12 @@ def _luminance(hex_color: str) -> float:
     channels = [int(hex_color[i : i + 2], 16) / 255 for i in (1, 3, 5)]
     r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(color: str, other: str = "#ffffff") -> float:
+    """WCAG 2 contrast ratio of two #rrggbb colours: 1 (none) to 21 (black on white)."""
+    lighter, darker = sorted((_luminance(color), _luminance(other)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
 
 
 def _toml_key(field_name: str) -> str:

@@ -508,7 +508,15 @@ def test_checks_pass_on_a_good_configuration(app, smtp) -> None:
     """https links, a From on the blog's domain and a reachable SMTP relay are ok; DKIM off is information,
     and the sample notification shows the one-click headers."""
     listed = run_checks(app.extensions["newsletter"])
-    assert [c.name for c in listed] == ["base_url", "from", "smtp", "dkim", "sample headers"]
+    assert [c.name for c in listed] == [
+        "base_url",
+        "from",
+        "smtp",
+        "dkim",
+        "form origins",
+        "accent_color",
+        "sample headers",
+    ]
     checks = by_name(listed)
     for name in ("base_url", "from", "smtp"):
         assert checks[name].ok is True, checks[name]

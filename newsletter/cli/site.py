@@ -211,8 +211,9 @@ def embed(state: State, no_script: bool) -> None:
 def check(state: State) -> None:
     """Check the setup for what would otherwise show up as bounces or spam-foldered mail.
 
-    Looks at base_url, the From domain, the SMTP server (reachable, TLS verified), DKIM, and prints
-    the headers of a sample notification. Exits with status 1 when something needs fixing.
+    Looks at base_url, the From domain, the SMTP server (reachable, TLS verified), DKIM, the sites the
+    subscribe form is accepted from, the accent colour, and prints the headers of a sample notification.
+    Exits with status 1 when something needs fixing (warnings do not change the status).
 
     \b
     Example:
@@ -222,7 +223,7 @@ def check(state: State) -> None:
     """
     checks = run_checks(state.newsletter(check_schema=False))
     for item in checks:
-        label = {True: "ok", False: "FIX", None: "info"}[item.ok]
+        label = "warn" if item.warn else {True: "ok", False: "FIX", None: "info"}[item.ok]
         first, *rest = item.detail.splitlines() or [""]
         click.echo(f"{label:<5} {item.name}: {first}")
         for line in rest:

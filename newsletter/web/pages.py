@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit
+
 from flask import Blueprint, Flask, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from ..config import Config
-from ..resources import resource_dir
-from .context import newsletter
+from .context import newsletter, rendered_pages
 
 bp = Blueprint("pages", __name__)
 
 CSP = (
-    "default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "default-src 'self'; script-src 'none'; style-src 'self'; img-src {images}; form-action 'self'; "
     "base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
 )
 HSTS = "max-age=31536000"  # not includeSubDomains: the blog's other subdomains are not this app's to decide
+SOURCE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def content_security_policy(config: Config) -> str:
+    """CSP, with the origin of [site] logo_url among the image sources when it is set."""
+    logo = image_origin(config.site.logo_url)
+    return CSP.format(images=f"'self' {logo}" if logo else "'self'")
+
+
+def image_origin(url: str) -> str:
+    """scheme://host[:port] of URL as a CSP source, or empty when URL is empty or its host cannot be one."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    host = parts.hostname or ""
+    origin = f"{parts.scheme.lower()}://{f'[{host}]' if ':' in host else host}{f':{port}' if port else ''}"
+    return origin if SOURCE.fullmatch(origin) else ""
 
 
 def security_headers(config: Config) -> list[tuple[str, str]]:
     """The headers every response carries, error pages too; HSTS when base_url is https."""
     headers = [
-        ("Content-Security-Policy", CSP),
+        ("Content-Security-Policy", content_security_policy(config)),
         ("X-Content-Type-Options", "nosniff"),
         ("X-Frame-Options", "DENY"),
         ("Referrer-Policy", "no-referrer"),
@@ -44,8 +65,19 @@ def subscribe_form(error: str | None = None, email: str = "", notice: str | None
 
 @bp.get("/style.css")
 def stylesheet() -> Response:
-    css = (resource_dir("templates") / "web" / "style.css").read_text(encoding="utf-8")
-    return Response(css, mimetype="text/css", headers={"Cache-Control": "public, max-age=3600"})
+    """templates/web/style.css (or the owner's) in the accent colour; the same for every request, so rendered
+    once per app."""
+    rendered = rendered_pages()
+    if "style.css" not in rendered:
+        rendered["style.css"] = render_template(
+            "web/style.css", accent_hover=darker(newsletter().config.site.accent_color)
+        )
+    return Response(rendered["style.css"], mimetype="text/css", headers={"Cache-Control": "public, max-age=3600"})
+
+
+def darker(color: str, by: float = 0.15) -> str:
+    """#rrggbb COLOR with each channel BY nearer black."""
+    return "#" + "".join(f"{round(int(color[i : i + 2], 16) * (1 - by)):02x}" for i in (1, 3, 5))
 
 
 FRIENDLY = {
@@ -61,7 +93,10 @@ def install_error_pages(app: Flask) -> None:
     def http_error(exc: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
         title, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
         headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
-        return render_template("web/error.html", code=exc.code, title=title, message=message), exc.code or 500, headers
+        page = render_template(
+            "web/error.html", code=exc.code, title=title, message=message, link_text=getattr(exc, "link_text", None)
+        )
+        return page, exc.code or 500, headers
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception) -> tuple[str, int]:

@@ -26,6 +26,7 @@ class ForeignForm(Forbidden):
         "This sign-up form was sent from a website the newsletter does not take sign-ups from, so nothing was "
         "sent. Please sign up on the newsletter's own page instead."
     )
+    link_text = "Sign up on the newsletter's subscribe page"  # error.html's link to our own form
 
 
 FORM_MAX_AGE = 24 * 3600
