@@ -124,6 +124,19 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class BouncesConfig:
+    address: str = ""  # the envelope sender's address: on, each email is sent from address's local part + token
+
+    @property
+    def local_part(self) -> str:
+        return self.address.rpartition("@")[0]
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
 class DKIMConfig:
     selector: str = ""
     domain: str = ""
@@ -140,6 +153,7 @@ class Config:
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     digest: DigestConfig = field(default_factory=DigestConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     source: str = "defaults"
     demo: bool = False
 
@@ -325,6 +339,15 @@ def _validated(config: Config) -> Config:
         validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ConfigError(f'{where}: [smtp] from must be an address like "Blog <news@example.com>" ({exc})') from None
+    if config.bounces.address:
+        try:
+            validate_email(config.bounces.address, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as exc:
+            raise ConfigError(
+                f'{where}: [bounces] address must be an address like "bounces@news.example.com" ({exc})'
+            ) from None
+        if "+" in config.bounces.local_part:
+            raise ConfigError(f"{where}: [bounces] address must have no + in it: its token is added after a +")
     if has_controls(config.site.name) or "=?" in config.site.name:
         raise ConfigError(f"{where}: [site] name must be one line of plain text")
     try:

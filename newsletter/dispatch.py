@@ -247,10 +247,7 @@ def _post_queue(nl: Newsletter, post: Post) -> _Queue:
     def envelope(item: _Claimed) -> Envelope:
         template = rendered()
         message_id = f"<{item.row_id}.{seed}@{template.domain}>"
-        message = template.render(
-            item.recipient, message_id, nl.unsubscribe_url(item.subscriber_id), nl.manage_url(item.subscriber_id)
-        )
-        return Envelope(template.sender, item.recipient, message)
+        return _list_envelope(nl, "d", item, template, message_id)
 
     return _Queue(DELIVERIES, DELIVERIES.c.post_id == post.id, envelope)
 
@@ -260,13 +257,23 @@ def _digest_queue(nl: Newsletter) -> _Queue:
 
     def envelope(item: _Claimed) -> Envelope:
         template = renderer.template(item.contents)
-        message_id = renderer.message_id(item.row_id, item.contents)
-        message = template.render(
-            item.recipient, message_id, nl.unsubscribe_url(item.subscriber_id), nl.manage_url(item.subscriber_id)
-        )
-        return Envelope(template.sender, item.recipient, message)
+        return _list_envelope(nl, "g", item, template, renderer.message_id(item.row_id, item.contents))
 
     return _Queue(DIGESTS, true(), envelope, DIGESTS.c.contents)
+
+
+def _list_envelope(nl: Newsletter, kind: str, item: _Claimed, template: MessageTemplate, message_id: str) -> Envelope:
+    """ITEM's email (a row of ledger KIND: "d" deliveries, "g" digests) with its reader's links and its own
+    envelope sender."""
+    reader = item.subscriber_id
+    message = template.render(
+        item.recipient,
+        message_id,
+        nl.unsubscribe_url(reader),
+        nl.manage_url(reader),
+        nl.mailto_unsubscribe(kind, item.row_id),
+    )
+    return Envelope(nl.return_path(kind, item.row_id), item.recipient, message)
 
 
 def _count(nl: Newsletter, queue: _Queue, *statuses: DeliveryStatus) -> int:

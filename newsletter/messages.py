@@ -175,13 +175,21 @@ class MessageTemplate:
     links: RecipientLinks | None
 
     def render(
-        self, recipient: str, message_id: str, unsubscribe_url: str | None = None, manage_url: str | None = None
+        self,
+        recipient: str,
+        message_id: str,
+        unsubscribe_url: str | None = None,
+        manage_url: str | None = None,
+        unsubscribe_mailto: str | None = None,
     ) -> bytes:
+        """The message to RECIPIENT; a list email's List-Unsubscribe offers UNSUBSCRIBE_URL first, then, when
+        given, UNSUBSCRIBE_MAILTO (for mail apps that unsubscribe by email)."""
         head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
         filled = {"unsubscribe": unsubscribe_url or "", "manage": manage_url or ""}
         if unsubscribe_url is not None:
+            mailto = f", <{unsubscribe_mailto}>" if unsubscribe_mailto else ""
             head += [
-                _header("List-Unsubscribe", f"<{unsubscribe_url}>"),
+                _header("List-Unsubscribe", f"<{unsubscribe_url}>{mailto}"),
                 b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
             ]
         b = self.boundary.encode()

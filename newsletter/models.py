@@ -87,6 +87,9 @@ class Subscriber(Base):
     pending_user_agent: Mapped[str | None] = mapped_column(String(512))
     frequency: Mapped[str] = mapped_column(String(8), server_default=text("'instant'"))  # config.FREQUENCIES
     digest_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the digest period last served
+    bounce_score: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))  # inbound.py
+    last_bounce_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    complained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # reported one of our emails as spam
 
     __table_args__ = (
         Index("ix_subscribers_status", "status"),
@@ -176,6 +179,7 @@ class LedgerRow:
     error: Mapped[str | None] = mapped_column(String(1024))
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claimed_by: Mapped[int | None] = mapped_column(BigInteger)
+    bounced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a bounce about it came back later
 
 
 class Delivery(LedgerRow, Base):

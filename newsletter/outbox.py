@@ -41,7 +41,7 @@ def deliver_outbox(nl: Newsletter) -> OutboxReport:
     try:
         while batch := _claim(nl):
             try:
-                results = transport.send([Envelope(m.sender, m.recipient, m.message) for m in batch])
+                results = transport.send([Envelope(_sender(nl, m), m.recipient, m.message) for m in batch])
             except MailerError:
                 _release(nl, [m.id for m in batch])
                 raise
@@ -49,6 +49,11 @@ def deliver_outbox(nl: Newsletter) -> OutboxReport:
     finally:
         transport.close()
     return report
+
+
+def _sender(nl: Newsletter, message: Row[*tuple[Any, ...]]) -> str:
+    """The envelope sender: a bounce address naming the message with [bounces] address, else the one stored."""
+    return nl.return_path("o", message.id) if nl.config.bounces.address else message.sender
 
 
 def _claim(nl: Newsletter) -> list[Row[*tuple[Any, ...]]]:

@@ -70,6 +70,21 @@ class Newsletter:
     def unsubscribe_url(self, subscriber_id: int) -> str:
         return f"{self.config.base_url}/unsubscribe/{self.tokens.unsubscribe_token(subscriber_id)}"
 
+    def return_path(self, kind: str, row_id: int) -> str:
+        """The envelope sender of one email: with [bounces] address, an address that names it (VERP), so a
+        bounce says which email failed; else the From address."""
+        bounces = self.config.bounces
+        if not bounces.address:
+            return self.config.from_address.addr_spec
+        return f"{bounces.local_part}+{self.tokens.return_token(kind, row_id)}@{bounces.domain}"
+
+    def mailto_unsubscribe(self, kind: str, row_id: int) -> str | None:
+        """The mailto: unsubscribe address of one list email, when [bounces] address says where mail is read."""
+        bounces = self.config.bounces
+        if not bounces.address:
+            return None
+        return f"mailto:unsubscribe+{self.tokens.return_token(kind, row_id)}@{bounces.domain}"
+
     def manage_url(self, subscriber_id: int) -> str:
         return f"{self.config.base_url}/manage/{self.tokens.manage_token(subscriber_id)}"
 

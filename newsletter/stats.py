@@ -31,8 +31,8 @@ class Week:
 
 @dataclass(frozen=True)
 class PostOutcome:
-    """How one post's emails went: sent, failed, failed for readers now bounced, and readers who got it and
-    unsubscribed while it was being sent or within LEFT_WITHIN after."""
+    """How one post's emails went: sent, failed, bounced (refused for readers now bounced, or returned later as a
+    bounce), and readers who got it and unsubscribed while it was being sent or within LEFT_WITHIN after."""
 
     id: int
     title: str
@@ -159,7 +159,13 @@ def _outcome(session: Session, post: Post) -> PostOutcome:
         select(
             _count(got),
             _count(failed),
-            _count(and_(failed, Subscriber.status == Status.BOUNCED)),
+            _count(
+                or_(
+                    and_(failed, Subscriber.status == Status.BOUNCED),
+                    Delivery.bounced_at.is_not(None),
+                    Digest.bounced_at.is_not(None),
+                )
+            ),
             _count(and_(got, left)),
         )
         .select_from(Delivery)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
+import re
 import time
 from dataclasses import dataclass
 
@@ -14,6 +17,10 @@ FORM_SALT = "newsletter.form.v1"
 MANAGE_SALT = "newsletter.manage.v1"  # the manage link in every email: it works as long as the reader is listed
 MANAGE_LINK_SALT = "newsletter.manage-link.v1"  # the one /manage emails on request: it expires
 MANAGE_LINK_MAX_AGE = 24 * 3600
+RETURN_SALT = b"newsletter.return.v1"  # the token in a bounce address and the mailto unsubscribe address
+RETURN_KINDS = {"d": "delivery", "g": "digest", "o": "outbox"}  # which ledger the row of a token is in
+RETURN_TOKEN_TEXT = r"[dgo][0-9]{1,18}-[a-z2-7]{16}"  # what return_token() makes; read_return_token() reads it
+_RETURN_TOKEN = re.compile(r"([dgo])([0-9]{1,18})-([a-z2-7]{16})")
 
 
 class InvalidToken(Exception):
@@ -30,9 +37,16 @@ class ConfirmClaim:
     nonce: str
 
 
+@dataclass(frozen=True)
+class ReturnClaim:
+    kind: str  # a key of RETURN_KINDS
+    row_id: int
+
+
 class Tokens:
     def __init__(self, secret_keys: list[str], confirm_max_age_seconds: int) -> None:
         """secret_keys: oldest to newest; the newest signs, all verify."""
+        self._return_keys = [hmac.digest(key.encode(), RETURN_SALT, "sha256") for key in reversed(secret_keys)]
         self._confirm = URLSafeTimedSerializer(secret_keys, salt=CONFIRM_SALT)
         self._unsubscribe = URLSafeSerializer(secret_keys, salt=UNSUBSCRIBE_SALT)
         self._unsubscribe_signer = self._unsubscribe.make_signer()
@@ -90,6 +104,26 @@ class Tokens:
             return _subscriber_id(self._manage, token)
         except InvalidToken:
             return _subscriber_id(self._manage_link, token, max_age=MANAGE_LINK_MAX_AGE)
+
+    def return_token(self, kind: str, row_id: int) -> str:
+        """A short token naming one email (KIND, a key of RETURN_KINDS, and its row), for the local part of an
+        address: lower-case letters, digits and a dash, since mail systems may change the case of a local part."""
+        return f"{kind}{int(row_id)}-{self._return_signature(self._return_keys[0], f'{kind}{int(row_id)}')}"
+
+    def read_return_token(self, token: str) -> ReturnClaim:
+        named = _RETURN_TOKEN.fullmatch(token.lower())
+        if named is None:
+            raise InvalidToken
+        kind, row_id, signature = named.groups()
+        if not any(
+            hmac.compare_digest(signature, self._return_signature(key, f"{kind}{row_id}")) for key in self._return_keys
+        ):
+            raise InvalidToken
+        return ReturnClaim(kind, int(row_id))
+
+    @staticmethod
+    def _return_signature(key: bytes, payload: str) -> str:
+        return base64.b32encode(hmac.digest(key, payload.encode(), "sha256")[:10]).decode().lower()
 
 
 def _subscriber_id(

@@ -39,6 +39,7 @@ LAYERS = {
         "manage",
         "outbox",
         "publish",
+        "inbound",
         "worker",
         "stats",
         "checks",

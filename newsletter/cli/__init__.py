@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from .base import Failure, cli, main
+from .inbound import inbound
 from .posts import posts, send
 from .site import check, db_group, demo, embed, serve, stats, worker
 from .subscribers import subscribers
 
-for _command in (db_group, serve, worker, posts, send, subscribers, embed, check, stats, demo):
+for _command in (db_group, serve, worker, posts, send, subscribers, embed, check, stats, inbound, demo):
     cli.add_command(_command)
 
 __all__ = ["Failure", "cli", "main"]
