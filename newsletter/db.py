@@ -18,10 +18,6 @@ from contextlib import closing, nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVarTuple, cast
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     ClauseElement,
     ColumnElement,
@@ -34,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    inspect,
     select,
     text,
     update,
@@ -108,6 +105,7 @@ _TURNS: weakref.WeakKeyDictionary[Engine, _WriterTurns] = weakref.WeakKeyDiction
 
 
 BUSY_TIMEOUT = 30.0
+VERSION_TABLE = "alembic_version"  # where Alembic records the schema's revision
 SQLITE_BUSY = 5
 
 
@@ -307,21 +305,18 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _alembic_config(engine: Engine | None) -> AlembicConfig:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(resource_dir("migrations")))
-    cfg.attributes["engine"] = engine
-    return cfg
-
-
-def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+def head_revision() -> str:
+    """The latest migration's revision, read from its file name (`NNNN_what.py` holds revision "NNNN"), so
+    that commands which only check the schema need not load Alembic."""
+    return max(path.name.split("_", 1)[0] for path in (resource_dir("migrations") / "versions").glob("[0-9]*_*.py"))
 
 
 def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            if not inspect(conn).has_table(VERSION_TABLE):
+                return None
+            return conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}"))
     except SQLAlchemyError as exc:
         raise DatabaseError(
             f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
@@ -333,8 +328,14 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
     """Bring the database to the latest schema; returns (revision before, revision after)."""
     if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(resource_dir("migrations")))
+    cfg.attributes["engine"] = engine
     before = current_revision(engine)
-    command.upgrade(_alembic_config(engine), "head")
+    command.upgrade(cfg, "head")
     return before, current_revision(engine)
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import Column, Integer, MetaData
 
@@ -55,6 +57,15 @@ def schema_differences(database_url: str, metadata: MetaData) -> list[object]:
 def test_migrations_build_exactly_the_models(database_url: str) -> None:
     """Alembic's autogenerate finds nothing to add: a model change without its migration fails here."""
     assert schema_differences(database_url, Base.metadata) == []
+
+
+def test_the_latest_revision_read_from_file_names_is_alembics() -> None:
+    alembic = AlembicConfig()
+    alembic.set_main_option("script_location", str(ROOT / "migrations"))
+    scripts = ScriptDirectory.from_config(alembic)
+    for script in scripts.walk_revisions():
+        assert Path(script.path).name.startswith(f"{script.revision}_"), f"{script.path}: name it {script.revision}_…"
+    assert db.head_revision() == scripts.get_current_head()
 
 
 def test_a_model_change_without_a_migration_is_found(database_url: str) -> None:

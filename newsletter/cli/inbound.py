@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from .. import inbound as inbound_service
 from ..runtime import Newsletter
 from .base import Failure, State, pass_state
 
@@ -49,6 +48,8 @@ def inbound(state: State, maildir: Path | None, recipient: str) -> None:
       $ newsletter inbound --maildir ~/Maildir
       processed 3: bounced 1, soft bounce 1, ignored 1
     """
+    from .. import inbound as inbound_service  # flufl.bounce takes a while to load: only for this command
+
     try:
         nl = state.newsletter()
     except Failure as exc:
@@ -64,6 +65,8 @@ def inbound(state: State, maildir: Path | None, recipient: str) -> None:
 
 
 def _process_maildir(nl: Newsletter, path: Path) -> None:
+    from .. import inbound as inbound_service
+
     box = mailbox.Maildir(path, factory=None, create=False)
     counts: collections.Counter[str] = collections.Counter()
     try:
