@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -157,7 +158,7 @@ class Config:
     source: str = "defaults"
     demo: bool = False
 
-    @property
+    @functools.cached_property
     def from_address(self) -> Address:
         name, addr = parseaddr(self.smtp.from_)
         local, _, domain = addr.rpartition("@")
