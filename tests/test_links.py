@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from newsletter.mailer import MailerError
 from newsletter.models import Confirmation, OutboxMessage, Status, Subscriber
-from newsletter.tokens import CONFIRM_SALT, UNSUBSCRIBE_SALT
+from newsletter.tokens import CONFIRM_SALT, MANAGE_SALT, UNSUBSCRIBE_SALT, Tokens
 
 from .conftest import SMTPSink
 from .test_reader_flow import confirm_link, subscriber, unsubscribe_link
@@ -205,3 +205,15 @@ def test_unknown_page_and_wrong_method(site) -> None:
     assert site.get("/nope").status_code == 404
     assert site.get("/subscribe").status_code == 405
     assert "Traceback" not in site.get("/nope").text
+
+
+def test_links_in_emails_already_sent_keep_working_with_the_faster_signing() -> None:
+    """The unsubscribe and manage tokens are what itsdangerous made before, for the newest key, so that links
+    in every email already in an inbox keep working."""
+    keys = ["an-old-key", "the-newest-key"]
+    tokens = Tokens(keys, 3600)
+    for subscriber_id in (0, 1, 42, 123_456, 99_999_999_999):
+        assert tokens.unsubscribe_token(subscriber_id) == URLSafeSerializer(keys, salt=UNSUBSCRIBE_SALT).dumps(
+            subscriber_id
+        )
+        assert tokens.manage_token(subscriber_id) == URLSafeSerializer(keys, salt=MANAGE_SALT).dumps(subscriber_id)
