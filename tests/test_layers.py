@@ -30,6 +30,7 @@ LAYERS = {
         "subscriptions",
         "signups",
         "roster",
+        "imports",
         "posts",
         "feeds",
         "dispatch",

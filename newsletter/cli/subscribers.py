@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from .. import roster
+from .. import imports, roster
 from ..mailer import MailerError
 from ..models import Status, Subscriber
 from ..outbox import deliver_outbox
@@ -174,14 +174,23 @@ def subscribers_remove(state: State, email: str) -> None:
 @subscribers.command("import")
 @click.argument("file", type=click.File("r", encoding="utf-8-sig"))
 @click.option("--verbose", "-v", is_flag=True, help="List every row not imported: its line and why.")
+@click.option("--dry-run", is_flag=True, help="Count what would be imported; write nothing.")
 @pass_state
-def subscribers_import(state: State, file: TextIO, verbose: bool) -> None:
-    """Import a CSV file: a column `email`, and optionally `status` and the consent columns of an export.
+def subscribers_import(state: State, file: TextIO, verbose: bool, dry_run: bool) -> None:
+    """Import a CSV file: this newsletter's export, or one of WordPress.com/Jetpack, FeedBurner, Mailchimp or Substack.
 
-    Rows without status are imported as confirmed: import only people who agreed to get your posts.
-    Existing subscribers are left as they are (nobody who left is re-subscribed). Rows are committed a
-    thousand at a time, so the sign-up form keeps working; an interrupted import keeps what it committed,
-    and running it again finishes it.
+    The file is recognised by its columns: `email` and optionally `status` and the consent columns of an
+    export; Mailchimp's audience export (its subscribed, unsubscribed and cleaned files); Substack's
+    (`email`, `active_subscription`, `email_disabled`, `created_at`); FeedBurner's (`Email`, `Subscribed`,
+    `Status`); WordPress.com's (`email_address` or `Email`, `date_subscribed` or `Subscribed`). Commas,
+    semicolons or tabs separate the columns. The consent times and IP addresses go into the consent record.
+
+    Rows without status are imported as confirmed: import only people who agreed to get your posts. Those
+    who unsubscribed are imported as unsubscribed and those whose address bounced (Mailchimp's cleaned) as
+    bounced: never mailed. Rows never confirmed at the other service (FeedBurner's Pending Verification) are
+    skipped: no email is sent. Existing subscribers are left as they are (nobody who left is re-subscribed),
+    so running it again changes nothing. Rows are committed a thousand at a time, so the sign-up form keeps
+    working; an interrupted import keeps what it committed, and running it again finishes it.
 
     \b
     Example:
@@ -191,8 +200,8 @@ def subscribers_import(state: State, file: TextIO, verbose: bool) -> None:
     nl = state.newsletter()
     bar = _ImportBar(os.path.basename(file.name)) if sys.stderr.isatty() else None
     try:
-        report = roster.import_csv(nl, file, listed=verbose, progress=bar)
-    except roster.ImportFileError as exc:
+        report = imports.import_csv(nl, file, listed=verbose, progress=bar, dry_run=dry_run, recognised=_say_what_it_is)
+    except imports.ImportFileError as exc:
         raise Failure(str(exc)) from None
     finally:
         if bar is not None:
@@ -204,12 +213,32 @@ def subscribers_import(state: State, file: TextIO, verbose: bool) -> None:
         sys.exit(stop_exit_code(report.stopped_by))
 
 
-def _import_summary(report: roster.ImportReport, verbose: bool) -> str:
-    line = f"imported {report.imported:,}; already there {report.already:,}; refused {report.refused:,}"
-    if (report.already or report.refused) and not verbose:
+def _say_what_it_is(layout: imports.ImportLayout) -> None:
+    what = layout.describe()
+    if what is not None:
+        click.echo(f"recognised {what}")
+
+
+def _import_summary(report: imports.ImportReport, verbose: bool) -> str:
+    imported = f"would import {report.imported:,}" if report.dry_run else f"imported {report.imported:,}"
+    line = f"{imported}; already there {report.already:,}; refused {report.refused:,}"
+    if report.never_confirmed:
+        line += f"; skipped {report.never_confirmed:,} never confirmed"
+    if report.dry_run:
+        line = "dry run: " + line
+    if report.stopped_by is None and report.already and not (report.imported or report.refused):
+        other = "other " if report.never_confirmed else ""
+        line += f"; nothing to import: every {other}address is already on the list"
+    elif (report.already or report.refused or report.never_confirmed) and not verbose:
         line += " (run with --verbose to list them)"
+    if report.dry_run:
+        line += "; nothing was written"
     if report.stopped_by is not None:
-        line += "; interrupted: the rows imported so far are kept, run the same import again to finish"
+        line += (
+            "; interrupted"
+            if report.dry_run
+            else "; interrupted: the rows imported so far are kept, run the same import again to finish"
+        )
     return line
 
 
@@ -221,7 +250,7 @@ class _ImportBar:
         self.bar: ProgressBar[int] | None = None
         self.started = 0.0
 
-    def __call__(self, report: roster.ImportReport) -> None:
+    def __call__(self, report: imports.ImportReport) -> None:
         if report.rows is None:
             return
         if self.bar is None:
