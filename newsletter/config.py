@@ -222,7 +222,9 @@ def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read it ({exc.strerror})") from None
     elif explicit:
-        raise ConfigError(f"{file}: no such configuration file; copy config.example.toml there and edit it")
+        raise ConfigError(
+            f"{file}: no such configuration file; write one with `newsletter config example > {file}` and edit it"
+        )
     source = str(file) if file.is_file() else f"{file} (not found)"
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -286,8 +288,8 @@ def _validated(config: Config) -> Config:
     where = config.source
     if not config.security.secret_key and not config.demo and where.endswith("(not found)"):
         raise ConfigError(
-            f"{where.removesuffix(' (not found)')}: no such configuration file; copy "
-            "config.example.toml there and set [security] secret_key, or pass --config PATH"
+            f"{where.removesuffix(' (not found)')}: no such configuration file; write one with "
+            "`newsletter config example > config.toml` and set [security] secret_key, or pass --config PATH"
         )
     if not config.security.secret_key and not config.demo:
         raise ConfigError(

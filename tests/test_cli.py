@@ -664,3 +664,18 @@ from = "Harbour Notes <news@harbour-notes.example>"
     [note] = smtp.to("x@example.com")
     assert note.message["Subject"] == "Installed and working"
     assert "Unsubscribe with one click" in note.text and "Read the post" in note.html
+
+
+def test_the_example_configuration_comes_with_the_command_and_works_once_a_secret_is_set(tmp_path: Path) -> None:
+    """What the error for a missing config.toml says to do works from an installed package, in an empty folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    missing = subprocess.run(["newsletter", "send"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "`newsletter config example > config.toml`" in missing.stderr
+    example = subprocess.run(["newsletter", "config", "example"], cwd=tmp_path, capture_output=True, text=True)
+    assert example.returncode == 0
+    assert example.stdout == (Path(__file__).resolve().parent.parent / "config.example.toml").read_text()
+    (tmp_path / "config.toml").write_text(example.stdout)
+    env["NEWSLETTER_SECURITY__SECRET_KEY"] = "a-secret-of-forty-two-characters-or-so-000"
+    upgraded = subprocess.run(["newsletter", "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert (tmp_path / "newsletter.db").is_file()

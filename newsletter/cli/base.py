@@ -77,7 +77,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     \b
     Examples:
       Try it with no setup:   newsletter demo
-      Real install:           cp config.example.toml config.toml   (then edit it)
+      Real install:           newsletter config example > config.toml   (then edit it)
                               newsletter db upgrade
                               newsletter serve
       Announce new posts:     newsletter send

@@ -18,6 +18,7 @@ from ..checks import run_checks
 from ..config import ConfigError, load_config
 from ..mailer import MailerError
 from ..models import Status
+from ..resources import resource_file
 from ..runtime import Newsletter
 from ..serving import CAN_FORK, default_processes, listen
 from ..serving import serve as serve_site
@@ -37,6 +38,27 @@ def db_group() -> None:
     Example:
       $ newsletter db upgrade
     """
+
+
+@click.group("config")
+def config_group() -> None:
+    """Configuration files.
+
+    \b
+    Example:
+      $ newsletter config example > config.toml
+    """
+
+
+@config_group.command("example")
+def config_example() -> None:
+    """Print config.example.toml: every key, its default and what it does.
+
+    \b
+    Example:
+      $ newsletter config example > config.toml
+    """
+    click.echo(resource_file("config.example.toml").read_text(encoding="utf-8"), nl=False)
 
 
 @db_group.command("upgrade")
