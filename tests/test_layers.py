@@ -31,6 +31,7 @@ LAYERS = {
         "signups",
         "roster",
         "imports",
+        "install",
         "posts",
         "feeds",
         "dispatch",

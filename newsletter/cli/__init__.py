@@ -5,10 +5,24 @@ from __future__ import annotations
 from .base import Failure, cli, main
 from .inbound import inbound
 from .posts import posts, send
-from .site import check, config_group, db_group, demo, embed, serve, stats, worker
+from .site import check, config_group, db_group, demo, embed, init, serve, stats, worker
 from .subscribers import subscribers
 
-for _command in (config_group, db_group, serve, worker, posts, send, subscribers, embed, check, stats, inbound, demo):
+for _command in (
+    init,
+    config_group,
+    db_group,
+    serve,
+    worker,
+    posts,
+    send,
+    subscribers,
+    embed,
+    check,
+    stats,
+    inbound,
+    demo,
+):
     cli.add_command(_command)
 
 __all__ = ["Failure", "cli", "main"]
