@@ -3,7 +3,9 @@ serves its pages."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -110,24 +112,25 @@ def test_a_fresh_install_inits_and_serves_its_pages(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert "wrote config.toml" in made.stdout
 
+    # What the Dockerfile runs, without a container engine (none runs here): its CMD, then its HEALTHCHECK.
     port = free_port()
-    server = subprocess.Popen(
-        [newsletter, "serve", "--port", str(port), "--processes", "1"],
-        cwd=home,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    command = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    command = [part.replace("8000", str(port)).replace("0.0.0.0", "127.0.0.1") for part in command]
+    health = re.search(r"^\s+CMD (python .*)$", dockerfile, re.MULTILINE).group(1).replace("8000", str(port))  # type: ignore[union-attr]
+    env |= {"PATH": f"{venv / 'bin'}:{env['PATH']}", "NEWSLETTER_CONFIG": str(home / "config.toml")}
+    server = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        return subprocess.run(["sh", "-c", health], env=env, capture_output=True, timeout=30).returncode == 0
+
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
+        while not healthy():
             assert time.monotonic() < deadline and server.poll() is None, "serve never answered /healthz"
             time.sleep(0.2)
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+    assert not healthy()

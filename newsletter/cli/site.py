@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -91,7 +92,8 @@ _INIT_QUESTIONS = (  # option, (section, key), prompt, default (None: must be an
 def init(ctx: click.Context, no_input: bool, **given: str | int | None) -> None:
     """Write a first config.toml (a new secret key, readable by you alone), create the database, then check.
 
-    Asks for what is not given as an option. The file is written to --config PATH, else config.toml here,
+    Asks for what is not given as an option. The file is written to --config PATH, else $NEWSLETTER_CONFIG,
+    else config.toml here,
     and never replaces an existing one. Exits 0 once the file and the database are ready, even when the
     check marks something to fix (such as an SMTP relay not reachable yet).
 
@@ -102,7 +104,7 @@ def init(ctx: click.Context, no_input: bool, **given: str | int | None) -> None:
           --smtp-host smtp.example.com
     """
     state: State = ctx.obj
-    path = Path(state.config_path or "config.toml")
+    path = Path(state.config_path or os.environ.get("NEWSLETTER_CONFIG") or "config.toml")
     if path.exists():
         raise Failure(f"{path} exists; init never replaces a configuration (edit it, or pass --config NEW.toml)")
     answers: dict[tuple[str, str], str | int] = {}
