@@ -32,6 +32,7 @@ LAYERS = {
         "roster",
         "imports",
         "install",
+        "transfer",
         "posts",
         "feeds",
         "dispatch",
