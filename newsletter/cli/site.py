@@ -163,7 +163,8 @@ def db_copy(state: State, target_url: str) -> None:
 
 def _ask(question: str, default: str | int | None, hide: bool) -> str | int:
     kind = click.INT if isinstance(default, int) else click.STRING
-    return click.prompt(question, default=default, type=kind, hide_input=hide, show_default=not hide)
+    answer = click.prompt(question, default=default, type=kind, hide_input=hide, show_default=not hide)
+    return answer if isinstance(answer, int) else str(answer)
 
 
 @db_group.command("upgrade")
