@@ -36,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from . import categories, db, digests
+from . import categories, db, digests, threads
 from .mailer import Envelope, MailerError, Outcome, Result
 from .messages import MessageTemplate, digest_template, notification_template
 from .models import (
@@ -367,19 +367,16 @@ class _Sender:
         batches on the wire are finished and recorded, and report.stopped_by says so.
         """
         for delay in (timedelta(0), *RETRY_PASSES_AFTER):
-            started: list[threading.Thread] = []
+            started: list[threading.Event] = []
             try:
                 time.sleep(delay.total_seconds())
                 self.cursor, self.requeued = 0, 0
-                for _ in range(self.nl.config.smtp.connections):
-                    started.append(threading.Thread(target=self._work, daemon=True))
-                    started[-1].start()
-                for thread in started:
-                    thread.join()
+                for number in range(self.nl.config.smtp.connections):
+                    started.append(threads.start(self._work, f"smtp-{number}"))
+                threads.wait(started)
             except KeyboardInterrupt as interrupt:  # each connection finishes its batch and records it
                 self.stop.set()
-                for thread in started:
-                    thread.join()
+                threads.wait(started)
                 self.report.stopped_by = interrupt
                 break
             if self.quota.left == 0 and _count(self.nl, self.queue, DeliveryStatus.PENDING):

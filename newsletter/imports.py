@@ -14,7 +14,7 @@ from typing import TextIO
 
 from sqlalchemy import Connection, select
 
-from . import db
+from . import db, threads
 from .models import ERASED, SUBSCRIBERS, Status, utcnow
 from .roster import EXPORT_COLUMNS, erased_key, from_spreadsheet
 from .runtime import Newsletter
@@ -460,13 +460,12 @@ def import_csv(
         except BaseException as exc:
             failed.append(exc)
 
-    worker = threading.Thread(target=work, name="import", daemon=True)
-    worker.start()
+    finished = threads.start(work, "import")
     try:
-        worker.join()
+        finished.wait()
     except KeyboardInterrupt as interrupt:  # the chunk in hand is committed and counted
         stop.set()
-        worker.join()
+        finished.wait()
         report.stopped_by = interrupt
     if failed:
         raise failed[0]

@@ -13,6 +13,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import update
 
+from newsletter import threads
 from newsletter.models import SUBSCRIBERS
 
 from .conftest import SMTPSink, publish, wait_for
@@ -149,3 +150,22 @@ def test_kill_9_midway_then_rerun_misses_nobody(
     assert duplicated <= 2 * 10  # in flight at the kill: at most one batch (10) on each of 2 connections
     if duplicated:
         assert "possibly duplicated" in rerun.output
+
+
+def test_waiting_for_a_connection_survives_the_stop_signal() -> None:
+    """The summary waits for every connection's batch even when Ctrl-C lands while it waits (with
+    Thread.join, Python 3.11 forgets the thread it was waiting for and prints a summary too early)."""
+    gate, recorded = threading.Event(), []
+    finished = threads.start(lambda: (gate.wait(), recorded.append("batch")), "smtp-0")
+    main = threading.main_thread().ident
+    assert main is not None
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            threads.wait([finished])
+        threading.Timer(0.3, gate.set).start()
+        threads.wait([finished])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert recorded == ["batch"]

@@ -25,6 +25,7 @@ LAYERS = {
         "ratelimit",
         "resources",
         "runtime",
+        "threads",
     },
     "services": {
         "subscriptions",
