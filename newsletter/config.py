@@ -19,6 +19,7 @@ import tinycss2.color4
 from email_validator import EmailNotValidError, validate_email
 from limits import parse_many
 
+from .i18n import missing_catalog
 from .mailer import SECURITY_MODES
 from .text import has_controls, hide_password
 
@@ -49,6 +50,7 @@ class SiteConfig:
     logo_url: str = ""
     accent_color: str = "#1f5fbf"  # validated, then written as #rrggbb
     email_content: str = "summary"
+    language: str = "en"
 
     @property
     def blog(self) -> str:
@@ -322,6 +324,8 @@ def _validated(config: Config) -> Config:
             f"{where}: [site] email_content must be one of {', '.join(EMAIL_CONTENT)}, "
             f"not {config.site.email_content!r}"
         )
+    if (problem := missing_catalog(config.site.language, config.site.templates_dir)) is not None:
+        raise ConfigError(f"{where}: [site] language: {problem}")
     if has_controls(config.site.description.replace("\n", " ")) or len(config.site.description) > 2000:
         raise ConfigError(f"{where}: [site] description must be plain text of at most 2000 characters")
     config = dataclasses.replace(

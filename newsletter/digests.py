@@ -156,7 +156,9 @@ class Renderer:
             if contents not in self._templates:
                 frequency, ids = _parse(contents)
                 posts = self.posts(ids)
-                self._templates[contents] = digest_template(self.nl.config, self.nl.render, frequency, posts)
+                self._templates[contents] = digest_template(
+                    self.nl.config, self.nl.render, self.nl.language, frequency, posts
+                )
                 secret = self.nl.config.security.secret_key
                 self._seeds[contents] = hashlib.sha256(f"{secret}:{contents}".encode()).hexdigest()[:16]
             return self._templates[contents]

@@ -524,7 +524,7 @@ def send_copy(nl: Newsletter, post: Post, address: str) -> Result:
 def send_sample_digest(nl: Newsletter, frequency: str, address: str) -> tuple[Result, list[Post]]:
     """A FREQUENCY digest of the latest posts to one address, outside the ledger; with the posts in it."""
     posts = digests.sample_posts(nl, frequency)
-    template = digest_template(nl.config, nl.render, frequency, posts)
+    template = digest_template(nl.config, nl.render, nl.language, frequency, posts)
     return _send_one(nl, template, address), posts
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from . import categories, db, roster
 from .config import FREQUENCIES
+from .i18n import N_
 from .models import CONFIRMATIONS, Delivery, DeliveryStatus, Digest, Erased, Post, Status, Subscriber, utcnow
 from .runtime import Newsletter
 from .subscriptions import Requester, email_key, normalize, queue_email, set_frequency, throttle_key
@@ -44,20 +45,24 @@ def change(
     """
     changes = []
     if frequency is not None and frequency in FREQUENCIES and set_frequency(subscriber, frequency):
-        changes.append(f"You now get {_frequency_text(frequency)}.")
+        changes.append(nl.language.gettext(FREQUENCY_CHANGED[frequency]))
     before = categories.chosen(session, subscriber.id)
     after = categories.choose(session, nl, subscriber.id, names)
     if after != before:
         offered = {categories.key(name): name for name in categories.available(nl, session)}
         if after:
-            changes.append("You now get posts about " + ", ".join(offered[key] for key in sorted(after)) + ".")
+            chosen = nl.language.list(offered[key] for key in sorted(after))
+            changes.append(nl.language.gettext("You now get posts about %(categories)s.", categories=chosen))
         else:
-            changes.append("You now get every post, whatever its category.")
+            changes.append(nl.language.gettext("You now get every post, whatever its category."))
     return changes
 
 
-def _frequency_text(frequency: str) -> str:
-    return {"instant": "an email for each new post", "daily": "a daily digest", "weekly": "a weekly digest"}[frequency]
+FREQUENCY_CHANGED = {
+    "instant": N_("You now get an email for each new post."),
+    "daily": N_("You now get a daily digest."),
+    "weekly": N_("You now get a weekly digest."),
+}
 
 
 def export(session: Session, subscriber: Subscriber) -> dict[str, Any]:
@@ -134,6 +139,6 @@ def request_link(session: Session, nl: Newsletter, raw: str, requester: Requeste
         subscriber.id,
         subscriber.email_ascii,
         "manage",
-        f"Manage your subscription to {nl.config.site.name}",
+        nl.language.gettext("Manage your subscription to %(name)s", name=nl.config.site.name),
         manage_url=f"{nl.config.base_url}/manage/{nl.tokens.manage_link_token(subscriber.id)}",
     )

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import css_inline
 
 from .config import Config
+from .i18n import N_, Language
 from .sanitize import image_sources
 from .text import header_text
 
@@ -268,15 +269,24 @@ def notification_template(config: Config, render: Render, post: PostLike) -> Mes
     )
 
 
-DIGEST_NAMES = {"daily": "Daily digest", "weekly": "Weekly digest", "instant": "Posts you missed"}
+DIGEST_NAMES = {"daily": N_("Daily digest"), "weekly": N_("Weekly digest"), "instant": N_("Posts you missed")}
 
 
-def digest_template(config: Config, render: Render, frequency: str, posts: Sequence[DatedPostLike]) -> MessageTemplate:
+def digest_template(
+    config: Config, render: Render, language: Language, frequency: str, posts: Sequence[DatedPostLike]
+) -> MessageTemplate:
     """A digest of POSTS (oldest first) for every reader who gets the same ones, filled in like a notification."""
-    name = DIGEST_NAMES[frequency]
-    subject = f"{name} from {config.site.name}: {posts[0].title}"
+    name = language.gettext(DIGEST_NAMES[frequency])
+    values = {"digest": name, "name": config.site.name, "title": posts[0].title}
     if len(posts) > 1:
-        subject += f" and {len(posts) - 1} more"
+        subject = language.ngettext(
+            "%(digest)s from %(name)s: %(title)s and %(num)d more",
+            "%(digest)s from %(name)s: %(title)s and %(num)d more",
+            len(posts) - 1,
+            **values,
+        )
+    else:
+        subject = language.gettext("%(digest)s from %(name)s: %(title)s", **values)
     archive_url = f"{config.base_url}/archive" if config.site.archive else None
     return _list_template(
         config, render, "digest", subject, posts=posts, digest_name=name, frequency=frequency, archive_url=archive_url

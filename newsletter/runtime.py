@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import Config
+from .i18n import Language
 from .mailer import SMTPConnection, Transport
 from .resources import resource_dir
 from .sanitize import html_to_text
@@ -31,13 +32,14 @@ def template_loader(config: Config) -> ChoiceLoader:
     return ChoiceLoader(loaders)
 
 
-def template_environment(config: Config) -> Environment:
+def template_environment(config: Config, language: Language) -> Environment:
     """Templates rendered outside a web request (emails, the embed snippet), autoescaped as Flask does."""
     environment = Environment(
         loader=template_loader(config), autoescape=lambda name: name is None or name.endswith(AUTOESCAPED)
     )
     environment.filters["text"] = html_to_text
     environment.globals["site"] = config.site
+    language.install(environment)
     return environment
 
 
@@ -52,7 +54,8 @@ class Newsletter:
         self.tokens = Tokens(
             security.secret_key_fallbacks + [security.secret_key or "demo"], security.confirm_max_age_hours * 3600
         )
-        self.templates = template_environment(config)
+        self.language = Language(config.site.language, config.site.templates_dir)
+        self.templates = template_environment(config, self.language)
         self.transport_factory: Callable[[], Transport] = self.smtp_connection
 
     @functools.cached_property

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from . import db
 from .config import FREQUENCIES
+from .i18n import N_
 from .messages import single_message
 from .models import CONFIRMATIONS, OUTBOX, SUBSCRIBERS, Status, Subscriber, utcnow
 from .ratelimit import SignupCeiling, network_of
@@ -45,9 +46,9 @@ class Requester:
 def normalize(raw: str) -> ValidatedEmail:
     address = raw.strip()
     if not address:
-        raise InvalidAddress("Please enter your email address.")
+        raise InvalidAddress(N_("Please enter your email address."))
     if len(address) > MAX_ADDRESS_LENGTH:
-        raise InvalidAddress("That address is too long to be an email address.")
+        raise InvalidAddress(N_("That address is too long to be an email address."))
     try:
         return validate_email(address, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
@@ -56,6 +57,20 @@ def normalize(raw: str) -> ValidatedEmail:
 
 def email_key(validated: ValidatedEmail) -> str:
     return validated.normalized.lower()
+
+
+NOT_AN_ADDRESS = N_("This is not an email address we can write to. Check it for typos.")
+EMAIL_VALIDATOR_WORDS = (  # email-validator's commonest reasons, for the catalogs; the rest read as NOT_AN_ADDRESS
+    N_("An email address must have an @-sign."),
+    N_("There must be something before the @-sign."),
+    N_("There must be something after the @-sign."),
+    N_("The part after the @-sign is not valid. It should have a period."),
+    N_("An email address cannot have two periods in a row."),
+    N_("An email address cannot start with a period."),
+    N_("An email address cannot end with a period."),
+    N_("An email address cannot have a period immediately before the @-sign."),
+    N_("An email address cannot have a period immediately after the @-sign."),
+)
 
 
 GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
@@ -181,7 +196,7 @@ def subscribe(
         subscriber_id,
         validated.ascii_email or validated.normalized,
         "confirmation",
-        f"Confirm your subscription to {nl.config.site.name}",
+        nl.language.gettext("Confirm your subscription to %(name)s", name=nl.config.site.name),
         held=ceiling(nl).holds(conn, network, (at or now).timestamp()),
         confirm_url=nl.confirm_url(subscriber_id, nonce),
         max_age_hours=nl.config.security.confirm_max_age_hours,
@@ -213,7 +228,7 @@ def confirm(session: Session, subscriber: Subscriber, nl: Newsletter, requester:
         subscriber.id,
         subscriber.email_ascii,
         "welcome",
-        f"You're subscribed to {nl.config.site.name}",
+        nl.language.gettext("You're subscribed to %(name)s", name=nl.config.site.name),
         unsubscribe_url=nl.unsubscribe_url(subscriber.id),
         manage_url=nl.manage_url(subscriber.id),
         frequency=subscriber.frequency,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from newsletter.i18n import Language
 from newsletter.models import Status, Subscriber
 
 from .conftest import publish
@@ -374,7 +375,7 @@ def test_a_copy_of_the_form_on_another_site_says_where_to_sign_up_in_a_browser(s
     page.get_by_label("Get new posts by email", exact=True).fill("victim@example.com")
     said = answer_in_place(page)
     assert said == "Could not subscribe here. Please sign up on the newsletter's own page.", said
-    link = page.get_by_role("link", name="the newsletter's own page")
+    link = page.get_by_role("link", name="Could not subscribe here. Please sign up on the newsletter's own page.")
     assert link.get_attribute("href") == f"{site.base}/"
     assert page.url == f"{copycat.origin}/" and page.get_by_role("button", name="Subscribe").is_enabled()
     shoot(page, "08-embed-copycat")
@@ -442,4 +443,37 @@ def test_from_a_notification_to_the_manage_page_and_weekly_in_a_browser(site, sm
     assert subscriber(site.nl, "ada@example.com").frequency == "weekly"
     shoot(page, "11-manage-saved")
 
+    assert page.problems == []
+
+
+@pytest.fixture
+def language() -> str:
+    return "en"
+
+
+@pytest.fixture
+def config_file(config_file: Path, language: str) -> Path:
+    config_file.write_text(config_file.read_text().replace("[site]\n", f'[site]\nlanguage = "{language}"\n', 1))
+    return config_file
+
+
+@pytest.mark.parametrize("language", ["de", "fr", "es", "ja"])
+def test_each_language_fits_a_phone(site, smtp, run, feed, page, language: str) -> None:
+    """The subscribe page and a notification in each shipped language: longer German words and Japanese
+    lines without spaces still fit 375 px, and the page says which language it is in."""
+    said = Language(language)
+    assert page.goto(site.base).status == 200
+    assert page.locator("html").get_attribute("lang") == language
+    assert heading(page) == said.gettext("Get new posts by email") != "Get new posts by email"
+    shoot(page, f"20-{language}-subscribe")
+
+    assert run("posts", "fetch").exit_code == 0
+    assert run("subscribers", "add", "ada@example.com", "--confirmed").exit_code == 0
+    publish(feed, "Ice on the quay", "ice-on-the-quay")
+    assert run("send").exit_code == 0
+    [notification] = smtp.to("ada@example.com")
+    page.goto("about:blank")  # an email is not under the site's CSP
+    page.set_content(notification.html, wait_until="load")
+    assert page.get_by_role("link", name=said.gettext("Read the post")).count() == 1
+    shoot(page, f"21-{language}-notification")
     assert page.problems == []

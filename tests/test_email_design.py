@@ -33,7 +33,7 @@ WIDE = f"{BLOG}/wp-content/uploads/2025/04/crane-panorama.svg"
 GULLS = f"{BLOG}/wp-content/uploads/2025/04/gulls.svg"
 ACCENT, ACCENT_RGB = "#0b6e4f", "rgb(11, 110, 79)"
 PHONE, DESKTOP = 375, 800
-AUTHOR, DATE = "Ada Quay", "3 April 2025"
+AUTHOR, DATE = "Ada Quay", "April 3, 2025"
 LONG_URL = (f"{BLOG}/2025/04/the-new-crane/" + "specifications-" * 20)[:300]
 
 
@@ -306,7 +306,7 @@ def test_the_featured_image_is_not_shown_twice(smtp, run, feed) -> None:
     assert run("send").exit_code == 0
     [note] = smtp.to("ada@example.com")
     assert [image["src"] for image in elements(note.html, "img")] == [LOGO, GULLS]
-    assert "Gulls return\n5 April 2025 · by Ada Quay\n\nThey are back.\n" in note.text.replace("\r\n", "\n")
+    assert "Gulls return\nApril 5, 2025 · by Ada Quay\n\nThey are back.\n" in note.text.replace("\r\n", "\n")
 
 
 def test_an_owners_template_is_inlined_too(smtp, run, config_file: Path, tmp_path: Path) -> None:

@@ -74,13 +74,14 @@ def test_init_with_flags_writes_a_private_config_with_a_new_key_and_creates_the_
 
 def test_init_asks_for_what_is_not_given(tmp_path: Path) -> None:
     answers = "\n".join(
-        ["Gale Diary", "https://news.example.org", "https://gale.example/rss", "Gale <gale@example.org>"]
+        ["Gale Diary", "https://news.example.org", "https://gale.example/rss", "fr", "Gale <gale@example.org>"]
         + ["127.0.0.1", str(free_port()), "none", "", "", ""]
     )
     result = init(tmp_path, input=answers + "\n")
     assert result.exit_code == 0, result.output
     assert "Blog name [My Blog]:" in result.output and "SMTP password:" in result.output
-    assert tomllib.loads((tmp_path / "config.toml").read_text())["site"]["feed_url"] == "https://gale.example/rss"
+    site = tomllib.loads((tmp_path / "config.toml").read_text())["site"]
+    assert site["feed_url"] == "https://gale.example/rss" and site["language"] == "fr"
 
 
 def test_bad_answers_write_nothing_and_say_what_to_fix(tmp_path: Path) -> None:
@@ -90,6 +91,8 @@ def test_bad_answers_write_nothing_and_say_what_to_fix(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "base_url" in bad.output and "nothing was written" in bad.output
     assert "Traceback" not in bad.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    unknown = init(tmp_path, *FLAGS, "--language", "sw")
+    assert unknown.exit_code == 2 and "[site] language: there is no catalog for 'sw'" in unknown.output
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a fresh virtual environment is built the Linux way")
@@ -107,7 +110,7 @@ def test_a_fresh_install_inits_and_serves_its_pages(tmp_path: Path) -> None:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     newsletter = str(venv / "bin" / "newsletter")
-    flags = [*FLAGS, "--smtp-host", "127.0.0.1", "--smtp-port", str(free_port())]
+    flags = [*FLAGS, "--smtp-host", "127.0.0.1", "--smtp-port", str(free_port()), "--language", "fr"]
     made = subprocess.run([newsletter, "init", *flags], cwd=home, env=env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     assert "wrote config.toml" in made.stdout
@@ -129,7 +132,8 @@ def test_a_fresh_install_inits_and_serves_its_pages(tmp_path: Path) -> None:
         while not healthy():
             assert time.monotonic() < deadline and server.poll() is None, "serve never answered /healthz"
             time.sleep(0.2)
-        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200 and "Recevoir les nouveaux articles par e-mail" in page.text  # catalogs ship
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0

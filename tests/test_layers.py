@@ -26,6 +26,7 @@ LAYERS = {
         "resources",
         "runtime",
         "threads",
+        "i18n",
     },
     "services": {
         "subscriptions",

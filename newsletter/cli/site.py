@@ -66,6 +66,7 @@ _INIT_QUESTIONS = (  # option, (section, key), prompt, default (None: must be an
     ("name", ("site", "name"), "Blog name", "My Blog"),
     ("base_url", ("site", "base_url"), "Public address of these pages (base URL)", "http://localhost:8000"),
     ("feed_url", ("site", "feed_url"), "Your blog's RSS or Atom feed URL", None),
+    ("language", ("site", "language"), "Language of the pages and emails (en, de, es, fr, ja)", "en"),
     ("from_", ("smtp", "from"), 'Sender, like "My Blog <news@example.com>"', None),
     ("smtp_host", ("smtp", "host"), "SMTP relay host", "localhost"),
     ("smtp_port", ("smtp", "port"), "SMTP port", 587),
@@ -80,6 +81,7 @@ _INIT_QUESTIONS = (  # option, (section, key), prompt, default (None: must be an
 @click.option("--name", help="The blog's name, shown on the pages and in emails.")
 @click.option("--base-url", help="Where these pages are served, e.g. https://news.example.com.")
 @click.option("--feed-url", help="The blog's RSS or Atom feed.")
+@click.option("--language", help="Of the pages and emails readers see: en (default), de, es, fr, ja.")
 @click.option("--from", "from_", help='The sender of every email, e.g. "My Blog <news@example.com>".')
 @click.option("--smtp-host", help="The relay that delivers the mail.")
 @click.option("--smtp-port", type=click.IntRange(1, 65535), help="Its port (587 with starttls, 465 with tls).")

@@ -45,6 +45,7 @@ def create_app(config: Config | Newsletter) -> Flask:
     app.jinja_loader = template_loader(config)
     app.jinja_env.filters["text"] = html_to_text
     app.jinja_env.globals["site"] = config.site
+    nl.language.install(app.jinja_env)
     app.extensions["newsletter"] = nl
     app.extensions["newsletter.signups"] = SignupLog(nl.engine, SignupLimit(config.web.rate_limit))
     app.extensions["newsletter.pages"] = {}
@@ -87,10 +88,13 @@ class _App(Flask):
         return named is not None and named.group(1) in self.served_hosts
 
     def _another_host(self, request: Request) -> MapAdapter:
-        base_url = self.extensions["newsletter"].config.base_url
+        nl: Newsletter = self.extensions["newsletter"]
+        base_url = nl.config.base_url
         if request.path not in ANY_HOST_PATHS:
             request.routing_exception = BadRequest(
-                f"This site is at {base_url}/; the request was addressed to another host."
+                nl.language.gettext(
+                    "This site is at %(address)s; the request was addressed to another host.", address=f"{base_url}/"
+                )
             )
         return self.url_map.bind_to_environ(request.environ, server_name=urlsplit(base_url).netloc, subdomain="")
 

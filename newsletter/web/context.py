@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ..runtime import Newsletter
 from ..signups import SignupLog
-from ..subscriptions import Requester
+from ..subscriptions import NOT_AN_ADDRESS, InvalidAddress, Requester
 
 csrf = CSRFProtect()
 
@@ -19,6 +19,16 @@ csrf = CSRFProtect()
 def newsletter() -> Newsletter:
     nl: Newsletter = current_app.extensions["newsletter"]
     return nl
+
+
+def _(message: str, **values: object) -> str:
+    """MESSAGE in the site's language ([site] language), with %(name)s placeholders filled from VALUES."""
+    return newsletter().language.gettext(message, **values)
+
+
+def invalid_address(exc: InvalidAddress) -> str:
+    """Why an address was refused, in the site's language."""
+    return newsletter().language.reason(str(exc), NOT_AN_ADDRESS)
 
 
 def signup_log() -> SignupLog:
@@ -51,5 +61,5 @@ def requester() -> Requester:
         try:
             ipaddress.ip_address(ip)
         except ValueError:
-            abort(400, "The proxy in front of this site sent a client address that is not an IP address.")
+            abort(400, _("The proxy in front of this site sent a client address that is not an IP address."))
     return Requester(ip=ip, user_agent=request.headers.get("User-Agent"))

@@ -16,7 +16,7 @@ from .. import manage
 from ..models import Status, Subscriber
 from ..subscriptions import InvalidAddress, normalize, unsubscribe
 from ..tokens import ExpiredToken, InvalidToken
-from .context import csrf, newsletter, requester, session, signup_log
+from .context import _, csrf, invalid_address, newsletter, requester, session, signup_log
 
 bp = Blueprint("manage", __name__)
 
@@ -55,7 +55,7 @@ def save(token: str) -> tuple[str, int]:
     frequency = request.form.get("frequency")
     changes = manage.change(session(), newsletter(), subscriber, frequency, request.form.getlist("categories"))
     session().commit()
-    return _page(token, subscriber, changes or ["Nothing changed."]), 200
+    return _page(token, subscriber, changes or [_("Nothing changed.")]), 200
 
 
 @bp.post("/manage/<token>/unsubscribe")
@@ -84,7 +84,7 @@ def erase(token: str) -> tuple[str, int]:
     csrf.protect()
     subscriber = _reader(token)
     if request.form.get("sure") != "yes":
-        return _page(token, subscriber, ["Tick the box to confirm that everything about you should be erased."]), 400
+        return _page(token, subscriber, [_("Tick the box to confirm that everything about you should be erased.")]), 400
     manage.erase(session(), newsletter(), subscriber)
     session().commit()
     return render_template("web/erased.html"), 200
@@ -103,7 +103,7 @@ def send_link() -> tuple[str, int]:
     try:
         normalize(address)
     except InvalidAddress as exc:
-        return render_template("web/manage_ask.html", error=str(exc), email=address[:320]), 400
+        return render_template("web/manage_ask.html", error=invalid_address(exc), email=address[:320]), 400
     wait = signup_log().note_request(requester())
     if wait is not None:
         raise TooManyRequests(retry_after=math.ceil(wait))

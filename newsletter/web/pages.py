@@ -9,7 +9,8 @@ from flask import Blueprint, Flask, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from ..config import Config
-from .context import newsletter, rendered_pages
+from ..i18n import N_
+from .context import _, newsletter, rendered_pages
 
 bp = Blueprint("pages", __name__)
 
@@ -80,35 +81,56 @@ def darker(color: str, by: float = 0.15) -> str:
     return "#" + "".join(f"{round(int(color[i : i + 2], 16) * (1 - by)):02x}" for i in (1, 3, 5))
 
 
-FRIENDLY = {
-    429: ("Too many sign-ups", "Too many sign-ups came from your network in a short time. Please try again later."),
-    413: ("Too much data", "That form sent far more data than a sign-up needs."),
+ERRORS = {  # what a reader reads for each status, where the handler gave no words of its own
+    400: (N_("Bad request"), N_("The request could not be understood. Please go back and try again.")),
+    403: (N_("Not allowed"), N_("This page cannot be used this way. Please go back and try again.")),
+    404: (N_("Page not found"), N_("There is nothing at this address. Check the link, or start again below.")),
+    405: (N_("Not allowed"), N_("This page cannot be used this way. Please go back and try again.")),
+    413: (N_("Too much data"), N_("That form sent far more data than a sign-up needs.")),
+    429: (
+        N_("Too many sign-ups"),
+        N_("Too many sign-ups came from your network in a short time. Please try again later."),
+    ),
+    500: (N_("Something went wrong"), N_("Please try again in a moment.")),
 }
+
+
+def error_text(exc: HTTPException) -> tuple[str, str]:
+    """The title and message of EXC's error page in the site's language. Words the catalog lacks (Werkzeug's,
+    Flask-WTF's) give way to the status's own; English keeps them."""
+    code = exc.code or 500
+    title, message = ERRORS.get(code, ERRORS[400 if code < 500 else 500])
+    language = newsletter().language
+    if code in (413, 429) or not exc.description:
+        return language.gettext(title), language.gettext(message)
+    return language.reason(exc.name, title), language.reason(exc.description, message)
 
 
 def install_error_pages(app: Flask) -> None:
     fixed = security_headers(app.extensions["newsletter"].config)
+    language = app.extensions["newsletter"].language.code
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
-        title, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
+        title, message = error_text(exc)
         headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
+        link_text = getattr(exc, "link_text", None)
         page = render_template(
-            "web/error.html", code=exc.code, title=title, message=message, link_text=getattr(exc, "link_text", None)
+            "web/error.html", code=exc.code, title=title, message=message, link_text=link_text and _(link_text)
         )
         return page, exc.code or 500, headers
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception) -> tuple[str, int]:
         app.logger.exception("unhandled error on %s %s", request.method, request.path)
-        return render_template(
-            "web/error.html", code=500, title="Something went wrong", message="Please try again in a moment."
-        ), 500
+        title, message = ERRORS[500]
+        return render_template("web/error.html", code=500, title=_(title), message=_(message)), 500
 
     @app.after_request
     def add_security_headers(response: Response) -> Response:
         for name, value in fixed:
             response.headers.setdefault(name, value)
+        response.headers.setdefault("Content-Language", language)
         if request.path != "/style.css":
             response.headers["Cache-Control"] = "no-store"
         return response

@@ -9,11 +9,12 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import Forbidden, HTTPException, TooManyRequests
 
 from ..config import FREQUENCIES, origin_of
+from ..i18n import N_
 from ..models import Status, Subscriber
 from ..subscriptions import InvalidAddress, confirm, confirmable, normalize, set_frequency
 from ..tokens import ExpiredToken, InvalidToken
-from .context import csrf, newsletter, rendered_pages, requester, session, signup_log
-from .pages import FRIENDLY, subscribe_form
+from .context import _, csrf, invalid_address, newsletter, rendered_pages, requester, session, signup_log
+from .pages import error_text, subscribe_form
 
 bp = Blueprint("subscribe", __name__)
 
@@ -21,16 +22,16 @@ bp = Blueprint("subscribe", __name__)
 class ForeignForm(Forbidden):
     """The form came from a page of another site than ours, the blog's or [web] embed_origins."""
 
-    name = "Sign up on the newsletter's own page"
-    description = (
+    name = N_("Sign up on the newsletter's own page")
+    description = N_(
         "This sign-up form was sent from a website the newsletter does not take sign-ups from, so nothing was "
         "sent. Please sign up on the newsletter's own page instead."
     )
-    link_text = "Sign up on the newsletter's subscribe page"  # error.html's link to our own form
+    link_text = N_("Sign up on the newsletter's subscribe page")  # error.html's link to our own form
 
 
 FORM_MAX_AGE = 24 * 3600
-CHECK_INBOX = (
+CHECK_INBOX = N_(
     "Check your inbox: if that address can receive our emails, a message with a confirmation link is on its way. "
     "Open it and confirm to start getting new posts."
 )
@@ -49,7 +50,7 @@ def submit() -> ResponseReturnValue:
     try:
         return _sign_up()
     except HTTPException as exc:
-        _, message = FRIENDLY.get(exc.code or 500, (exc.name, exc.description))
+        _title, message = error_text(exc)
         headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
         return _json(False, message or "", exc.code or 500, headers)
 
@@ -66,22 +67,21 @@ def _sign_up() -> ResponseReturnValue:
         )
         raise ForeignForm()
     if "email" not in request.form:
-        return _refused("Please enter your email address.")
+        return _refused(_("Please enter your email address."))
     address = request.form["email"]
     try:
         validated = normalize(address)
     except InvalidAddress as exc:
-        return _refused(str(exc), email=address[:320])
+        return _refused(invalid_address(exc), email=address[:320])
     doubt = _doubt()
     if doubt is not None:
-        return _refused(
-            f"{doubt} Nothing was sent yet: please press Subscribe again.", email=address, about_address=False
-        )
+        message = _("%(doubt)s Nothing was sent yet: please press Subscribe again.", doubt=_(doubt))
+        return _refused(message, email=address, about_address=False)
     wait = signup_log().add(validated.normalized, requester())
     if wait is not None:
         raise TooManyRequests(retry_after=math.ceil(wait))
     if _wants_json():
-        return _json(True, CHECK_INBOX, 200)
+        return _json(True, _(CHECK_INBOX), 200)
     return _check_inbox()
 
 
@@ -161,17 +161,19 @@ def _doubt() -> str | None:
     confirmation is on its way.
     """
     if request.form.get("website"):
-        return "A field meant to stay empty came back filled in, as when a browser fills in a form by itself."
+        return N_("A field meant to stay empty came back filled in, as when a browser fills in a form by itself.")
     stamp = request.form.get("started")
     if stamp is None:
-        return None if _from_another_site() else "The form came back without the part that shows it was opened here."
+        if _from_another_site():
+            return None
+        return N_("The form came back without the part that shows it was opened here.")
     age = newsletter().tokens.form_age(stamp)
     if age is None:
-        return "The form came back damaged."
+        return N_("The form came back damaged.")
     if age > FORM_MAX_AGE:
-        return "This form was opened more than a day ago."
+        return N_("This form was opened more than a day ago.")
     if age < newsletter().config.web.min_fill_seconds:
-        return "The form came back quicker than a person usually fills it in."
+        return N_("The form came back quicker than a person usually fills it in.")
     return None
 
 

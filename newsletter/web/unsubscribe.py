@@ -7,7 +7,7 @@ from flask import Blueprint, Response, render_template, request
 from ..models import Subscriber
 from ..subscriptions import unsubscribe
 from ..tokens import InvalidToken
-from .context import csrf, newsletter, requester, session
+from .context import _, csrf, newsletter, requester, session
 
 bp = Blueprint("unsubscribe", __name__)
 
@@ -38,5 +38,5 @@ def submit(token: str) -> tuple[str | Response, int]:
     if subscriber is not None and unsubscribe(subscriber, requester()):
         session().commit()
     if one_click:
-        return Response("Unsubscribed.\n", mimetype="text/plain"), 200
+        return Response(_("Unsubscribed.") + "\n", mimetype="text/plain"), 200
     return render_template("web/unsubscribed.html"), 200
