@@ -273,7 +273,7 @@ def _list_envelope(nl: Newsletter, kind: str, item: _Claimed, template: MessageT
         nl.manage_url(reader),
         nl.mailto_unsubscribe(kind, item.row_id),
     )
-    return Envelope(nl.return_path(kind, item.row_id), item.recipient, message)
+    return Envelope(nl.return_path(kind, item.row_id), item.recipient, message, wire_ready=True)
 
 
 def _count(nl: Newsletter, queue: _Queue, *statuses: DeliveryStatus) -> int:

@@ -62,11 +62,17 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class Envelope:
-    """One message for one recipient; data is the whole message with CRLF line endings, not dot-stuffed."""
+    """One message for one recipient; data is the whole message with CRLF line endings, not dot-stuffed.
+
+    `wire_ready` vouches that data has no bare CR or LF and no line starting with a dot (as
+    messages.MessageTemplate writes it), so the transport sends it without the pass that checks line endings
+    and dot-stuffs; nothing else may set it.
+    """
 
     sender: str
     recipient: str
     data: bytes
+    wire_ready: bool = False
 
 
 @dataclass(frozen=True)
@@ -505,7 +511,8 @@ class SMTPConnection:
                 continue
             data = envelope.data
             mail = b"MAIL FROM:<" + sender.encode() + (b">\r\n" if data.isascii() else b">" + eight_bit + b"\r\n")
-            jobs.append(_Job(index, mail, b"RCPT TO:<" + recipient.encode() + b">\r\n", _stuff(data)))
+            body = data + b".\r\n" if envelope.wire_ready and data[-2:] == b"\r\n" else _stuff(data)
+            jobs.append(_Job(index, mail, b"RCPT TO:<" + recipient.encode() + b">\r\n", body))
         return jobs
 
     def _run(self, jobs: list[_Job], results: list[Result | None], *, retry_stale: bool) -> bool:

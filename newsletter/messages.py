@@ -147,7 +147,32 @@ def _qp_lines(text: str, placeholder: str) -> list[tuple[bool, bytes | str]]:
 
 
 def _qp_line(line: str) -> bytes:
-    return binascii.b2a_qp(line.encode("utf-8") + b"\r\n", istext=True)
+    """LINE quoted-printable, CRLF-terminated, with a dot that would start a line written =2E: the message then
+    needs no dot-stuffing on the wire (mailer.Envelope.wire_ready)."""
+    encoded = binascii.b2a_qp(line.encode("utf-8") + b"\r\n", istext=True)
+    if encoded[:1] != b"." and b"\r\n." not in encoded:
+        return encoded
+    return b"".join(_dot_escaped(physical) for physical in encoded.splitlines(keepends=True))
+
+
+QP_LINE = 76  # characters of an encoded line, soft break included (RFC 2045)
+
+
+def _dot_escaped(physical: bytes) -> bytes:
+    """One encoded line (CRLF included) with its leading dot as =2E, split by a soft break where that makes
+    it longer than QP_LINE."""
+    if physical[:1] != b".":
+        return physical
+    text = b"=2E" + physical[1:-2]
+    if len(text) <= QP_LINE:
+        return text + b"\r\n"
+    cut = 0
+    while cut < QP_LINE - 1:  # whole =XX escapes only; one place is kept for the soft break's "="
+        step = 3 if text[cut : cut + 1] == b"=" else 1
+        if cut + step > QP_LINE - 1:
+            break
+        cut += step
+    return text[:cut] + b"=\r\n" + _dot_escaped(text[cut:] + b"\r\n")
 
 
 def _fill(parts: list[tuple[bool, bytes | str]], links: RecipientLinks | None, filled: dict[str, str]) -> bytes:

@@ -89,7 +89,7 @@ class SigningTransport:
         self.inner, self.signer = inner, signer
 
     def send(self, envelopes: Sequence[Envelope]) -> list[Result]:
-        return self.inner.send([replace(e, data=self.signer(e.data)) for e in envelopes])
+        return self.inner.send([replace(e, data=self.signer(e.data), wire_ready=False) for e in envelopes])
 
     def close(self) -> None:
         self.inner.close()

@@ -6,6 +6,7 @@ captured by a real aiosmtpd server after a real SMTP session, then linted byte b
 
 from __future__ import annotations
 
+import binascii
 import html as htmllib
 import json
 import re
@@ -19,8 +20,11 @@ from xml.sax.saxutils import escape as xml_escape
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given
+from hypothesis import strategies as st
 
 from newsletter.cli import cli
+from newsletter.messages import _qp_line
 
 from .conftest import publish
 
@@ -312,6 +316,19 @@ def test_long_summary_lines_stay_within_line_limits_msg6(smtp, run, feed) -> Non
     assert_wire_ok(note.raw)
     assert LONG_LINE.strip() in note.text and "ø" * 1200 in note.text
     assert LONG_LINE.strip() in note.html and "ø" * 1200 in note.html
+
+
+def test_lines_that_start_with_a_dot_arrive_whole(smtp, run, feed) -> None:
+    """SMTP ends a message at a line holding a dot and drops the first dot of any other line that starts with
+    one. The email is written so that no line on the wire starts with a dot (a leading dot is =2E, also where
+    quoted-printable wraps a long line just before one), so the sender sends it as it is and the reader still
+    reads every dot."""
+    dotted = "<p>.\n.hidden file\n..two dots</p><p>" + "x" * 75 + ".after the wrap</p>"
+    notify(run, feed, "Dots on the quay", "dots", dotted)
+    [note] = smtp.messages
+    assert b"\r\n." not in note.raw
+    for text in (note.text, note.html):
+        assert ".hidden file" in text and "..two dots" in text and "x" * 75 + ".after the wrap" in text
 
 
 @pytest.mark.parametrize("source", ["feed", "posts add"])
@@ -607,3 +624,15 @@ def test_relative_link_in_hand_added_summary_becomes_absolute_msg16(smtp, run) -
     assert all(href.startswith("https://") for href in hrefs), hrefs
     assert "https://harbour-notes.example/2025/04/map/" in hrefs
     assert "https://harbour-notes.example/2025/04/map/" in text_urls(note.text)
+
+
+@given(st.text(alphabet=".. .x=é\t ab", max_size=300))
+def test_no_encoded_line_starts_with_a_dot_and_every_line_decodes_back(line: str) -> None:
+    """The quoted-printable a body line becomes: no physical line starts with a dot (the sender skips
+    dot-stuffing), none is longer than binascii's own wrapping makes it, and it decodes to the line."""
+    encoded = _qp_line(line)
+    physical = encoded.split(b"\r\n")[:-1]
+    plain = binascii.b2a_qp(line.encode() + b"\r\n", istext=True).split(b"\r\n")
+    assert not any(p.startswith(b".") for p in physical)
+    assert max(map(len, physical)) <= max(76, *map(len, plain))
+    assert binascii.a2b_qp(encoded).decode() == line + "\r\n"
