@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import secrets
 import sqlite3
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVarTuple, cast
 
 from sqlalchemy import (
+    BindParameter,
     ClauseElement,
     ColumnElement,
     Connection,
@@ -40,6 +42,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import Update
 
 from .config import ConfigError
 from .resources import resource_dir
@@ -235,8 +238,17 @@ def claim(
         return sorted(conn.execute(update(table).values(**values).where(ids, *where).returning(*columns)))
     rows = list(conn.execute(select(*columns).where(ids, *where).order_by(table.c.id)))
     if rows:
-        conn.execute(update(table).where(table.c.id.in_([row[0] for row in rows])).values(**values))
+        fill = {f"set_{key}": value for key, value in values.items()}
+        conn.execute(_update_by_ids(table, tuple(values)), {"ids": [row[0] for row in rows], **fill})
     return rows
+
+
+@functools.cache
+def _update_by_ids(table: Table, keys: tuple[str, ...]) -> Update:
+    """UPDATE TABLE SET each of KEYS (parameters set_KEY) WHERE id IN (parameter ids), built once: building it
+    anew per batch, with a literal per id, costs more than running it."""
+    ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
+    return update(table).where(table.c.id.in_(ids)).values({key: bindparam(f"set_{key}") for key in keys})
 
 
 def advisory_xact_lock(conn: Connection, key: str) -> None:

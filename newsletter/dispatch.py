@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     CursorResult,
     Table,
@@ -359,6 +360,12 @@ class _Sender:
         self.cursor: int | None = 0
         self.requeued = 0
         self.stop = threading.Event()
+        ids: BindParameter[list[int]] = bindparam("ids", expanding=True)  # built once, run once per batch
+        self.mark_sent = (
+            update(self.table)
+            .where(self.table.c.id.in_(ids))
+            .values(status=DeliveryStatus.SENT, updated_at=bindparam("now"), error=None)
+        )
 
     def run(self) -> None:
         """One pass over the pending rows, then bounded retry passes for what came back to the queue.
@@ -482,9 +489,7 @@ class _Sender:
         ]
         failed = [(item, result) for item, result in done if result.outcome is Outcome.FAILED]
         if sent:
-            conn.execute(
-                update(table).where(table.c.id.in_(sent)).values(status=DeliveryStatus.SENT, updated_at=now, error=None)
-            )
+            conn.execute(self.mark_sent, {"ids": sent, "now": now})
         if again:
             conn.execute(
                 update(table)
