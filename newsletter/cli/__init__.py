@@ -5,7 +5,8 @@ from __future__ import annotations
 from .base import Failure, cli, main
 from .inbound import inbound
 from .posts import posts, send
-from .site import check, config_group, db_group, demo, embed, init, serve, stats, worker
+from .setup import config_group, init
+from .site import check, db_group, demo, embed, serve, stats, worker
 from .subscribers import subscribers
 
 for _command in (
