@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -115,19 +116,27 @@ def smtp(smtp_port: int) -> Iterator[SMTPSink]:
     controller.stop()
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def empty_database(tmp_path: Path, name: str) -> Iterator[str]:
+    """The URL of a new, empty database: a PostgreSQL database of its own (dropped afterwards) when
+    NEWSLETTER_TEST_POSTGRES_URL is set, else the SQLite file NAME.db in TMP_PATH."""
     if not POSTGRES_URL:
-        yield f"sqlite:///{tmp_path / 'newsletter.db'}"
+        yield f"sqlite:///{tmp_path / name}.db"
         return
-    name = "t_" + uuid.uuid4().hex[:12]
+    database = f"{name[0]}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+        conn.execute(text(f"CREATE DATABASE {database}"))
+    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + database
     with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        conn.execute(text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
     admin.dispose()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    with empty_database(tmp_path, "newsletter") as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,14 +3,12 @@ posts and the send ledger arrive, and a send from the new database sends nothing
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from .conftest import POSTGRES_URL, publish
+from .conftest import empty_database, publish
 
 
 @pytest.fixture
@@ -20,17 +18,8 @@ def database_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def target_url(tmp_path: Path) -> Iterator[str]:
-    if not POSTGRES_URL:
-        yield f"sqlite:///{tmp_path / 'moved.db'}"
-        return
-    name = "m_" + uuid.uuid4().hex[:12]
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    with empty_database(tmp_path, "moved") as url:
+        yield url
 
 
 def test_a_moved_installation_sends_nothing_twice_and_keeps_who_left(
