@@ -109,6 +109,10 @@ def serve_forked(
     if background is not None:
         jobs["worker process"] = background
     children: dict[int, tuple[str, float]] = {}
+    # The stop signals and SIGCHLD stay blocked and are taken with sigwait: a handler could run only between
+    # two bytecodes, so a signal that came just before os.wait() would wait with it, lost.
+    stop_signals = {signal.SIGTERM} | ({signal.SIGINT} if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else set())
+    watched = stop_signals | {signal.SIGCHLD}
 
     def start(name: str) -> None:
         pid = os.fork()
@@ -117,6 +121,7 @@ def serve_forked(
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the children
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 threading.Thread(target=_exit_with, args=(parent,), name="orphan-check", daemon=True).start()
                 if after_fork:
                     after_fork()
@@ -128,29 +133,40 @@ def serve_forked(
                 os._exit(status)
         children[pid] = (name, time.monotonic())
 
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
     parent = os.getpid()
     gc.freeze()  # what the parent built stays shared with the children, and their collector skips it
-    previous = signal.signal(signal.SIGTERM, stop)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
         for name in jobs:
             start(name)
-        while True:
-            pid, status = os.wait()
-            name, started = children.pop(pid)
-            log.warning(
-                "%s (pid %d) exited with status %d; starting another", name, pid, os.waitstatus_to_exitcode(status)
-            )
-            if time.monotonic() - started < 1.0:
-                time.sleep(1.0)  # it is failing at start: do not spin
-            start(name)
-    except KeyboardInterrupt:
-        pass
+        while signal.sigwait(watched) not in stop_signals:
+            for pid, status in _exited():
+                name, started = children.pop(pid)
+                log.warning(
+                    "%s (pid %d) exited with status %d; starting another",
+                    name,
+                    pid,
+                    os.waitstatus_to_exitcode(status),
+                )
+                if time.monotonic() - started < 1.0:
+                    time.sleep(1.0)  # it is failing at start: do not spin
+                start(name)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _stop_children(list(children))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _exited() -> list[tuple[int, int]]:
+    """The children that have ended since the last call, with their wait status."""
+    ended: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return ended
+        if pid == 0:
+            return ended
+        ended.append((pid, status))
 
 
 def _exit_with(parent: int) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +120,34 @@ def test_ctrl_c_or_sigterm_stops_every_process(server, how: signal.Signals) -> N
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert not answering(port)
+
+
+SERVE_FORKED = """
+import sys
+from newsletter.serving import listen, serve_forked
+sock = listen("127.0.0.1", 0)
+print(sock.getsockname()[1], flush=True)
+serve_forked(lambda environ, start_response: [], sock, processes=3, threads=1)
+"""
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.003, 0.01, 0.03])
+def test_a_stop_signal_during_start_up_still_stops_every_process(delay: float) -> None:
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", SERVE_FORKED], stdout=subprocess.PIPE, text=True)
+        port = int(proc.stdout.readline())  # the parent is about to fork its children
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)  # before the first fork, SIGTERM simply ends it
+        wait_for(lambda port=port: refused(port), timeout=5)
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
