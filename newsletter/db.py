@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import secrets
 import sqlite3
 import threading
@@ -27,12 +28,15 @@ from sqlalchemy import (
     Engine,
     Row,
     Select,
+    String,
     Table,
     any_,
     bindparam,
     create_engine,
     event,
+    func,
     inspect,
+    literal_column,
     select,
     text,
     update,
@@ -175,8 +179,9 @@ def insert_for(conn: Connection | Engine) -> Callable[..., postgresql.Insert | s
 class DriverStatement:
     """A Core statement compiled once for an engine's dialect and run straight on a DBAPI cursor.
 
-    For the few statements on the sign-up form's path, where SQLAlchemy's work for each execution costs
-    more than the database's. Parameters go to the driver as they are: use plain str, int and float.
+    For statements on hot paths (the sign-up form, every batch of a send), where SQLAlchemy's work for each
+    execution costs more than the database's. Parameters are converted as their types say (a datetime as
+    the column stores it); an id list made by ids_in takes the value of ids_value.
     """
 
     def __init__(self, engine: Engine, statement: ClauseElement) -> None:
@@ -185,11 +190,63 @@ class DriverStatement:
         self.sql = compiled.string
         self.defaults = {name: bind.value for name, bind in compiled.binds.items()}  # the statement's literals
         self.names = compiled.positiontup if engine.dialect.positional else None
+        self.processors = {
+            name: processor
+            for name, bind in compiled.binds.items()
+            if (processor := bind.type.bind_processor(engine.dialect)) is not None
+        }
 
     def execute(self, cursor: DBAPICursor, **params: object) -> DBAPICursor:
         values = {**self.defaults, **params}
+        for name, processor in self.processors.items():
+            values[name] = processor(values[name])
         cursor.execute(self.sql, tuple(values[name] for name in self.names) if self.names is not None else values)
         return cursor
+
+
+def ids_in(column: ColumnElement[int], name: str, bind: Connection | Engine) -> ColumnElement[bool]:
+    """COLUMN is one of the ids in parameter NAME, a single parameter however many ids (see ids_value): an
+    array on PostgreSQL, a JSON array read by json_each on SQLite."""
+    if _postgresql(bind):
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(select(literal_column("value")).select_from(func.json_each(bindparam(name, type_=String()))))
+
+
+def ids_value(ids: Sequence[int], bind: Connection | Engine) -> object:
+    """IDS as a parameter of ids_in, for a DriverStatement."""
+    return list(ids) if _postgresql(bind) else json.dumps(ids)
+
+
+class CompiledClaim:
+    """claim() compiled once: run() sets VALUES (given to run) on the rows whose ids DUE selects and returns
+    COLUMNS of each, in id order, on the DBAPI cursor of a connection in a transaction."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        table: Table,
+        due: Select[int],
+        keys: Sequence[str],
+        columns: Sequence[ColumnElement[Any]],
+        *where: ColumnElement[bool],
+    ) -> None:
+        self.postgresql = _postgresql(engine)
+        ids = table.c.id.in_(skip_locked(due, engine).scalar_subquery())
+        values = {key: bindparam(f"set_{key}", type_=table.c[key].type) for key in keys}
+        if self.postgresql:
+            self.claim = DriverStatement(engine, update(table).values(values).where(ids, *where).returning(*columns))
+        else:
+            self.claim = DriverStatement(engine, select(*columns).where(ids, *where).order_by(table.c.id))
+            self.mark = DriverStatement(engine, update(table).values(values).where(ids_in(table.c.id, "ids", engine)))
+
+    def run(self, cursor: DBAPICursor, values: dict[str, Any], **params: object) -> list[tuple[Any, ...]]:
+        fill = {f"set_{key}": value for key, value in values.items()}
+        if self.postgresql:
+            return sorted(self.claim.execute(cursor, **params, **fill).fetchall())  # RETURNING keeps no order
+        rows = list(self.claim.execute(cursor, **params).fetchall())
+        if rows:
+            self.mark.execute(cursor, ids=json.dumps([row[0] for row in rows]), **fill)
+        return rows
 
 
 def _postgresql(bind: Connection | Engine) -> bool:
