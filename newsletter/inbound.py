@@ -143,7 +143,7 @@ def _mailto_unsubscribe(nl: Newsletter, token: str) -> Outcome:
         reader, _ = _reader(session, claim)
         if reader is None:
             return _ignored(f"an email to unsubscribe+{token}: that email's reader is no longer on the list")
-        left = unsubscribe(reader, Requester(user_agent="email to the List-Unsubscribe address"))
+        left = unsubscribe(reader, Requester.unsubscribe_email())
         return Outcome("unsubscribed", f"reader {reader.id}" + ("" if left else " (had already left)"))
 
 
@@ -162,7 +162,7 @@ def _complaint(nl: Newsletter, message: Message, raw: bytes) -> Outcome:
             reader = session.get(Subscriber, reader_id) if reader_id is not None else None
         if reader is None:
             return _ignored("an abuse report about no email of ours that names a reader still on the list")
-        unsubscribe(reader, Requester(user_agent="spam complaint (ARF abuse report)"))
+        unsubscribe(reader, Requester.spam_complaint())
         reader.complained_at = utcnow()
         return Outcome("complaint", f"reader {reader.id} reported an email as spam: unsubscribed, never mailed again")
 

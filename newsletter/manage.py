@@ -65,6 +65,40 @@ FREQUENCY_CHANGED = {
 }
 
 
+_OWNER = Requester.admin().user_agent or ""
+_IMPORTED_FROM = f"{_OWNER}: import from "  # and the service's name: imports.ImportLayout.user_agent
+_ON_THE_WEB = {
+    "subscribed": "sign-up form",
+    "confirmed": "confirmation link in the email sent to this address",
+    "unsubscribed": (
+        "on the web: the unsubscribe link in an email, the Unsubscribe button of the reader's mail program, "
+        "or the reader's subscription page"
+    ),
+}
+_BY_HAND = {
+    "subscribed": "added by the site owner from the command line",
+    "confirmed": "marked confirmed by the site owner",
+}
+_RECORDED_AS = {  # the user agents that roster.add and inbound.py write, each for one step
+    f"{_OWNER} --force": "marked confirmed by the site owner after the reader had left (--force)",
+    Requester.unsubscribe_email().user_agent: "email sent to the unsubscribe address of a newsletter email",
+    Requester.spam_complaint().user_agent: "spam complaint: the reader's email provider reported an email as spam",
+}
+
+
+def _how(step: str, ip: str | None, user_agent: str | None) -> str:
+    """How a step of the consent record happened, in plain English, told by its IP and user agent."""
+    agent = user_agent or ""
+    if agent.startswith(_IMPORTED_FROM):
+        source = agent.removeprefix(_IMPORTED_FROM)
+        return f"imported by the site owner from {source}" + ("" if step == "subscribed" else f" as {step}")
+    if agent == _OWNER and (ip is not None or step not in _BY_HAND):
+        return "imported by the site owner" + ("" if step == "subscribed" else f" as {step}")
+    if agent == _OWNER:
+        return _BY_HAND[step]
+    return _RECORDED_AS.get(agent, _ON_THE_WEB[step])
+
+
 def export(session: Session, subscriber: Subscriber) -> dict[str, Any]:
     """Everything kept about the reader, as JSON-ready data: download my data."""
 
@@ -92,11 +126,8 @@ def export(session: Session, subscriber: Subscriber) -> dict[str, Any]:
     for step in ("subscribed", "confirmed", "unsubscribed"):
         at = getattr(subscriber, f"{step}_at")
         if at is not None:
-            consent[step] = {
-                "at": when(at),
-                "ip": getattr(subscriber, f"{step}_ip"),
-                "user_agent": getattr(subscriber, f"{step}_user_agent"),
-            }
+            ip, user_agent = getattr(subscriber, f"{step}_ip"), getattr(subscriber, f"{step}_user_agent")
+            consent[step] = {"at": when(at), "ip": ip, "user_agent": user_agent, "how": _how(step, ip, user_agent)}
     return {
         "email": subscriber.email,
         "status": subscriber.status.value,

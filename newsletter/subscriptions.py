@@ -42,6 +42,16 @@ class Requester:
     def admin(cls) -> Requester:
         return cls(ip=None, user_agent="newsletter command line")
 
+    @classmethod
+    def unsubscribe_email(cls) -> Requester:
+        """An email to the List-Unsubscribe address (inbound.py)."""
+        return cls(user_agent="email to the List-Unsubscribe address")
+
+    @classmethod
+    def spam_complaint(cls) -> Requester:
+        """A mail provider's report that the reader marked one of our emails as spam (inbound.py)."""
+        return cls(user_agent="spam complaint (ARF abuse report)")
+
 
 def normalize(raw: str) -> ValidatedEmail:
     address = raw.strip()

@@ -11,10 +11,14 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import func, select
 
+from newsletter import inbound
 from newsletter.models import Erased, Post, Status, Subscriber
 from newsletter.tokens import MANAGE_LINK_SALT
 
 from .conftest import publish
+from .test_import import sample
+from .test_inbound import BOUNCES, arf_report, sent_post
+from .test_links import confirmed
 from .test_reader_flow import confirm_link
 
 
@@ -28,6 +32,20 @@ def reader_row(nl, address: str) -> Subscriber | None:
         if found is not None:
             session.expunge(found)
         return found
+
+
+def how(site, address: str) -> dict[str, str]:
+    """How each step of the reader's consent record happened, as their download my data says."""
+    reader = reader_row(site.nl, address)
+    assert reader is not None
+    link = site.nl.manage_url(reader.id)
+    download = site.press(link + "/data", page=link)
+    assert download.status_code == 200
+    return {step: record["how"] for step, record in json.loads(download.text)["consent"].items()}
+
+
+BY_FORM = "sign-up form"
+BY_LINK = "confirmation link in the email sent to this address"
 
 
 def scan(site, link: str) -> None:
@@ -83,6 +101,10 @@ def test_download_my_data_and_erase_me(site, run, feed, smtp, tmp_path) -> None:
     assert data["email"] == "reader@example.com" and data["status"] == "confirmed"
     assert data["frequency"] == "instant" and data["categories"] == "all"
     assert data["consent"]["subscribed"]["ip"] == "127.0.0.1" and data["consent"]["confirmed"]["at"]
+    assert {step: record["how"] for step, record in data["consent"].items()} == {
+        "subscribed": BY_FORM,
+        "confirmed": BY_LINK,
+    }
     assert [mail["title"] for mail in data["emails_received"]] == ["Nets mended"]
 
     refused = site.press(link + "/erase", page=link)
@@ -106,6 +128,69 @@ def test_download_my_data_and_erase_me(site, run, feed, smtp, tmp_path) -> None:
     added = run("subscribers", "add", "reader@example.com", "--confirmed")
     assert added.exit_code == 1 and "was erased at the reader's request" in added.output
     assert reader_row(site.nl, "reader@example.com") is None
+
+
+def test_my_data_says_how_the_owner_added_or_imported_me(site, run, tmp_path) -> None:
+    assert run("subscribers", "add", "added@example.com", "--confirmed").exit_code == 0
+    for name in ("mailchimp_subscribed.csv", "mailchimp_unsubscribed.csv"):
+        assert run("subscribers", "import", sample(name)).exit_code == 0
+    ours = tmp_path / "readers.csv"
+    ours.write_text("email,status,subscribed_ip,confirmed_ip\nours@example.com,confirmed,192.0.2.7,192.0.2.7\n")
+    assert run("subscribers", "import", str(ours)).exit_code == 0
+
+    assert how(site, "added@example.com") == {
+        "subscribed": "added by the site owner from the command line",
+        "confirmed": "marked confirmed by the site owner",
+    }
+    assert how(site, "ada@example.com") == {
+        "subscribed": "imported by the site owner from Mailchimp",
+        "confirmed": "imported by the site owner from Mailchimp as confirmed",
+    }
+    assert how(site, "left@example.com") == {
+        "subscribed": "imported by the site owner from Mailchimp",
+        "confirmed": "imported by the site owner from Mailchimp as confirmed",
+        "unsubscribed": "imported by the site owner from Mailchimp as unsubscribed",
+    }
+    assert how(site, "ours@example.com") == {
+        "subscribed": "imported by the site owner",
+        "confirmed": "imported by the site owner as confirmed",
+    }
+
+
+def test_my_data_says_i_left_by_one_click_and_the_owner_forced_me_back(site, run, smtp) -> None:
+    unsubscribe = confirmed(site, smtp, "leaving@example.com")
+    assert site.post(unsubscribe, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    on_the_web = (
+        "on the web: the unsubscribe link in an email, the Unsubscribe button of the reader's mail program, "
+        "or the reader's subscription page"
+    )
+    assert how(site, "leaving@example.com") == {"subscribed": BY_FORM, "confirmed": BY_LINK, "unsubscribed": on_the_web}
+
+    assert run("subscribers", "add", "leaving@example.com", "--confirmed", "--force").exit_code == 0
+    forced = "marked confirmed by the site owner after the reader had left (--force)"
+    assert how(site, "leaving@example.com") == {"subscribed": BY_FORM, "confirmed": forced, "unsubscribed": on_the_web}
+
+
+@pytest.mark.parametrize("extra_config", [f'\n[bounces]\naddress = "{BOUNCES}"\n'], ids=["bounces"])
+def test_my_data_says_i_left_by_email_or_by_a_spam_complaint(site, run, smtp, feed) -> None:
+    got = sent_post(run, smtp, feed, "mailed@example.org", "angry@example.org")
+    mailto = re.search(r"<mailto:([^>]+)>", got["mailed@example.org"].message["List-Unsubscribe"]).group(1)  # type: ignore[union-attr]
+    raw = f"From: mailed@example.org\r\nTo: {mailto}\r\nSubject: stop\r\n\r\nplease\r\n".encode()
+    assert str(inbound.handle(site.nl, raw)).startswith("unsubscribed: reader")
+    assert str(inbound.handle(site.nl, arf_report(got["angry@example.org"]))).startswith("complaint: reader")
+
+    by_hand = {
+        "subscribed": "added by the site owner from the command line",
+        "confirmed": "marked confirmed by the site owner",
+    }
+    assert how(site, "mailed@example.org") == {
+        **by_hand,
+        "unsubscribed": "email sent to the unsubscribe address of a newsletter email",
+    }
+    assert how(site, "angry@example.org") == {
+        **by_hand,
+        "unsubscribed": "spam complaint: the reader's email provider reported an email as spam",
+    }
 
 
 def test_a_link_by_email_for_known_readers_only_three_a_day(site, smtp) -> None:
