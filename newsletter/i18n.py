@@ -26,7 +26,7 @@ DOMAIN = "messages"
 CATALOGS = Path(__file__).resolve().parent / "translations"
 
 
-def N_(message: str) -> str:  # noqa: N802 (gettext's name for "translated later")
+def N_(message: str) -> str:  # gettext's name for "translated later"
     """Marks MESSAGE for the catalog where it is written; it is translated where it is shown."""
     return message
 
@@ -127,7 +127,7 @@ class Language:
         """ "a, b and c" as this language writes a list."""
         return format_list(list(items), locale=self.locale)
 
-    def date(self, value: date | datetime | None, format: str = "long") -> str:  # noqa: A002 (Babel's name)
+    def date(self, value: date | datetime | None, format: str = "long") -> str:  # Babel's name
         """VALUE as a reader of this language writes it: "3 December 2026", "3. Dezember 2026"."""
         if value is None:
             return ""

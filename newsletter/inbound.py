@@ -86,7 +86,7 @@ def _judge(nl: Newsletter, raw: bytes, recipient: str) -> Outcome:
         message = email.message_from_bytes(raw, policy=email.policy.compat32)
         addressed = " ".join([recipient, *(str(v) for name in ADDRESS_HEADERS for v in message.get_all(name, []))])
         report = (message.get_param("report-type", header="content-type") or "") if message.is_multipart() else ""
-    except Exception as exc:  # noqa: BLE001 (any damage to a message someone sent us makes it unreadable)
+    except Exception as exc:  # any damage to a message someone sent us makes it unreadable
         return _ignored(f"unreadable message ({type(exc).__name__})")
     unsubscribe_token = _token_in(addressed, "unsubscribe")
     if unsubscribe_token is not None:
@@ -110,7 +110,7 @@ def _failures(message: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
     """flufl.bounce's (temporary, permanent) failed addresses; none when a detector trips over the message."""
     try:
         return all_failures(message)
-    except Exception as exc:  # noqa: BLE001 (a detector's bug must not stop the mail that follows)
+    except Exception as exc:  # a detector's bug must not stop the mail that follows
         log.info("bounce detectors could not read the message (%s)", type(exc).__name__)
         return frozenset(), frozenset()
 

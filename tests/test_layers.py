@@ -4,6 +4,7 @@ and nothing below the command line and the web loads Flask or click."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,23 @@ def area(module: str) -> str:
 def test_every_module_has_a_layer() -> None:
     unplaced = sorted(m for m in modules() if area(m) and area(m) not in RANK)
     assert not unplaced, f"put these modules in a layer of tests/test_layers.py: {unplaced}"
+
+
+def test_the_readme_says_what_every_module_does() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    sections: dict[str, str] = {}  # the tree's entries: "cli/", "web/", "(services)", "(core)" ...
+    for line in readme.split("## Development", 1)[1].split("```")[1].splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            key = line.split()[0]
+        if line.startswith("  "):
+            sections[key] = sections.get(key, "") + line
+    missing = []
+    for name, path in modules().items():
+        parts = name.split(".")
+        where = f"{parts[1]}/" if len(parts) == 3 else "(services)" if RANK.get(area(name)) == 1 else "(core)"
+        if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}", sections.get(where, "")):
+            missing.append(name)
+    assert not missing, f"say what these modules do in README.md's Development section: {missing}"
 
 
 def test_no_import_cycle() -> None:

@@ -90,7 +90,8 @@ def init(ctx: click.Context, no_input: bool, **given: str | int | None) -> None:
             raise Failure(f"--{option.rstrip('_').replace('_', '-')} is required with --no-input")
         if value is None:
             value = default if no_input else _ask(question, default, hide=option == "smtp_password")
-        answers[key] = value  # type: ignore[assignment]
+        assert value is not None  # given, asked, or a default
+        answers[key] = value
     try:
         install.write_config(path, answers)
     except FileExistsError:
