@@ -199,11 +199,13 @@ def send(
     progress: Progress | None = None,
     on_post: Callable[[str, int], None] | None = None,
     now: datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> SendReport:
     """Announce every queued post to its readers on instant email, then send every digest due at NOW
     (default: the time of the call). Call inside a db.sender_lock giving SENDER_ID.
 
     ON_POST is told the title of each post, or the name of the digests, and how many messages it has.
+    STOP set (by a thread other than the caller's) ends the send as a stop signal does.
     """
     report = SendReport(resent=_recover_interrupted(nl, sender_id))
     queue_posts(nl)
@@ -222,7 +224,7 @@ def send(
         queue = _post_queue(nl, post)
         if on_post:
             on_post(post.title, _count(nl, queue, DeliveryStatus.PENDING))
-        _Sender(nl, sender_id, queue, report, progress, quota, pace).run()
+        _Sender(nl, sender_id, queue, report, progress, quota, pace, stop).run()
         if report.error or report.quota_reached or report.stopped_by:
             return report
         if not _count(nl, queue, DeliveryStatus.PENDING, DeliveryStatus.SENDING):
@@ -234,7 +236,7 @@ def send(
     if report.digests:
         if on_post:
             on_post("digests", report.digests)
-        _Sender(nl, sender_id, queue, report, progress, quota, pace).run()
+        _Sender(nl, sender_id, queue, report, progress, quota, pace, stop).run()
     return report
 
 
@@ -353,13 +355,15 @@ class _Sender:
         progress: Progress | None,
         quota: _Quota,
         pace: _Pace,
+        halt: threading.Event | None = None,
     ) -> None:
         self.nl, self.sender_id, self.queue, self.table = nl, sender_id, queue, queue.table
         self.report, self.progress, self.quota, self.pace = report, progress, quota, pace
         self.lock = threading.Lock()
         self.cursor: int | None = 0
         self.requeued = 0
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # an SMTP error or a stop signal: this pass claims no more
+        self.halt = halt or threading.Event()  # the caller's: the whole send stops
         # Built once and run on the driver's cursor: a batch costs the database less than SQLAlchemy's work.
         engine, table = nl.engine, self.table
         due = (
@@ -382,17 +386,20 @@ class _Sender:
     def run(self) -> None:
         """One pass over the pending rows, then bounded retry passes for what came back to the queue.
 
-        Ctrl-C or a stop signal (KeyboardInterrupt in this thread) stops the claiming of new batches; the
-        batches on the wire are finished and recorded, and report.stopped_by says so.
+        Ctrl-C or a stop signal (KeyboardInterrupt in this thread), or the caller's halt, stops the claiming
+        of new batches; the batches on the wire are finished and recorded, and report.stopped_by says so.
         """
         for delay in (timedelta(0), *RETRY_PASSES_AFTER):
             started: list[threading.Event] = []
             try:
-                time.sleep(delay.total_seconds())
+                if self.halt.wait(delay.total_seconds()):
+                    raise KeyboardInterrupt("stopped")
                 self.cursor, self.requeued = 0, 0
                 for number in range(self.nl.config.smtp.connections):
                     started.append(threads.start(self._work, f"smtp-{number}"))
                 threads.wait(started)
+                if self.halt.is_set():
+                    raise KeyboardInterrupt("stopped")
             except KeyboardInterrupt as interrupt:  # each connection finishes its batch and records it
                 self.stop.set()
                 threads.wait(started)
@@ -436,7 +443,7 @@ class _Sender:
             if done:
                 self._record(conn, done)
                 done.clear()
-            while not self.stop.is_set():
+            while not (self.stop.is_set() or self.halt.is_set()):
                 with self.lock:
                     size = self.quota.take(self.nl.config.smtp.batch_size)
                 if not size:

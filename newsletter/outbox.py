@@ -8,6 +8,7 @@ for up to two days.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Row, select, update
 
-from . import db
+from . import db, threads
 from .mailer import Envelope, MailerError, Outcome, Result
 from .models import OUTBOX, utcnow
 from .runtime import Newsletter
@@ -34,20 +35,40 @@ class OutboxReport:
     failed: int = 0
 
 
-def deliver_outbox(nl: Newsletter) -> OutboxReport:
-    """Send every outbox message that is due; raises MailerError when the SMTP server cannot be used."""
+def deliver_outbox(nl: Newsletter, stop: threading.Event | None = None) -> OutboxReport:
+    """Send every outbox message that is due; raises MailerError when the SMTP server cannot be used.
+
+    Ctrl-C or a stop signal (KeyboardInterrupt here), or STOP being set, ends it once the batch on the wire
+    is sent and recorded: its readers are neither left waiting for the lease to end nor mailed twice.
+    """
     report = OutboxReport()
-    transport = nl.transport()
+    halt = stop or threading.Event()
+    failure: list[Exception] = []
+
+    def work() -> None:
+        transport = nl.transport()
+        try:
+            while not halt.is_set() and (batch := _claim(nl)):
+                try:
+                    results = transport.send([Envelope(_sender(nl, m), m.recipient, m.message) for m in batch])
+                except MailerError:
+                    _release(nl, [m.id for m in batch])
+                    raise
+                _record(nl, batch, results, report)
+        except Exception as exc:
+            failure.append(exc)
+        finally:
+            transport.close()
+
+    finished = threads.start(work, "outbox")
     try:
-        while batch := _claim(nl):
-            try:
-                results = transport.send([Envelope(_sender(nl, m), m.recipient, m.message) for m in batch])
-            except MailerError:
-                _release(nl, [m.id for m in batch])
-                raise
-            _record(nl, batch, results, report)
-    finally:
-        transport.close()
+        threads.wait([finished])
+    except KeyboardInterrupt:
+        halt.set()
+        threads.wait([finished])
+        raise
+    if failure:
+        raise failure[0]
     return report
 
 

@@ -14,6 +14,7 @@ import hmac
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,13 +99,13 @@ def take_ping(nl: Newsletter) -> bool:
     return True
 
 
-def fetch_and_send(nl: Newsletter) -> SendReport | None:
-    """Fetch the feed and send what is due, as `newsletter send` does; None when another sender holds the
-    SQLite database. Raises FeedError."""
+def fetch_and_send(nl: Newsletter, stop: threading.Event | None = None) -> SendReport | None:
+    """Fetch the feed and send what is due, as `newsletter send` does (STOP: see dispatch.send); None when
+    another sender holds the SQLite database. Raises FeedError."""
     try:
         with db.sender_lock(nl.engine) as sender_id:
             fetch_feed(nl)
-            return dispatch.send(nl, sender_id)
+            return dispatch.send(nl, sender_id, stop=stop)
     except db.SenderBusy:
         return None
 
@@ -126,13 +127,13 @@ class Schedule:
         return "publish ping" if pinged else "poll" if polled else None
 
 
-def run_due(nl: Newsletter, schedule: Schedule) -> SendReport | None:
+def run_due(nl: Newsletter, schedule: Schedule, stop: threading.Event | None = None) -> SendReport | None:
     """Fetch and send if SCHEDULE says so, logging what came of it; a feed error is logged, not raised."""
     reason = schedule.due()
     if reason is None:
         return None
     try:
-        report = fetch_and_send(nl)
+        report = fetch_and_send(nl, stop)
     except FeedError as exc:
         log.warning("%s: %s; nothing was sent", reason, exc)
         return None

@@ -19,6 +19,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .threads import start as start_thread
+from .threads import wait as wait_threads
+
 log = logging.getLogger(__name__)
 
 # waitress drops X-Forwarded-* headers itself by default; ProxyFix ([web] trusted_proxies) decides instead.
@@ -57,12 +60,12 @@ def serve(
         job = (lambda: background(stop)) if background is not None else None
         serve_forked(app, sock, processes, threads, background=job, after_fork=after_fork, error_headers=error_headers)
         return
-    if background is not None:
-        threading.Thread(target=background, args=(stop,), name="worker", daemon=True).start()
+    finished = [start_thread(lambda: background(stop), "worker")] if background is not None else []
     try:
         waitress_server(app, sock, threads, error_headers).run()
     finally:
         stop.set()
+        wait_threads(finished)  # the worker records the batch it has on the wire
 
 
 def waitress_server(

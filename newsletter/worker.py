@@ -20,18 +20,18 @@ log = logging.getLogger(__name__)
 TIDY_EVERY = 3600.0
 
 
-def work_once(nl: Newsletter, tidy: bool = True) -> tuple[int, OutboxReport]:
+def work_once(nl: Newsletter, tidy: bool = True, stop: threading.Event | None = None) -> tuple[int, OutboxReport]:
     """Record the queued sign-ups and send what is due; returns (sign-ups recorded, outbox report).
 
     With TIDY, first forget the sign-ups [web] unconfirmed_days allows no longer. Raises MailerError when
-    the SMTP server cannot be used.
+    the SMTP server cannot be used. STOP set ends the sending after the batch on the wire (deliver_outbox).
     """
     if tidy:
         forget_unconfirmed(nl)
     recorded = process_signups(nl)
     forget_old(nl)
     release_held(nl)
-    return recorded, deliver_outbox(nl)
+    return recorded, deliver_outbox(nl, stop)
 
 
 def run_worker(nl: Newsletter, stop: threading.Event, interval: float = 2.0) -> None:
@@ -51,11 +51,11 @@ def _work_until(nl: Newsletter, stop: threading.Event, interval: float) -> None:
     wait, next_tidy, schedule = interval, 0.0, Schedule(nl)
     while not stop.is_set():
         try:
-            sent = run_due(nl, schedule)
+            sent = run_due(nl, schedule, stop)
             if sent is not None and sent.stopped_by is not None:
                 return
             tidy = time.monotonic() >= next_tidy
-            recorded, report = work_once(nl, tidy)
+            recorded, report = work_once(nl, tidy, stop)
             if tidy:
                 next_tidy = time.monotonic() + TIDY_EVERY
             if recorded or report.sent or report.failed or report.deferred:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -105,6 +106,28 @@ def test_an_unreachable_server_stops_the_run_and_the_next_run_finishes(nl: Newsl
     nl.transport_factory = lambda: working
     assert send(nl).sent == 5
     assert sorted(e.recipient for e in working.delivered) == READERS[:5]
+
+
+def test_a_send_stopped_from_another_thread_records_its_batches_and_the_next_finishes(nl: Newsletter) -> None:
+    stop = threading.Event()
+
+    def accept_then_stop(envelope: Envelope) -> Result:
+        stop.set()  # as the web server's main thread does when it stops the worker beside it
+        return Result(Outcome.SENT, 250, "250 OK", "data")
+
+    stopping = MemoryTransport(accept_then_stop)
+    nl.transport_factory = lambda: stopping
+    readers(nl, *READERS)
+    posts.add_post(nl, "Squall", "https://blog.example/squall/")
+    with db.sender_lock(nl.engine) as sender_id:
+        report = dispatch.send(nl, sender_id, stop=stop)
+    assert report.stopped_by is not None and 0 < report.sent < len(READERS)
+    assert report.sent == len(stopping.delivered) == list(delivery_status(nl).values()).count(DeliveryStatus.SENT)
+
+    rest = MemoryTransport()
+    nl.transport_factory = lambda: rest
+    assert send(nl).sent == len(READERS) - report.sent
+    assert sorted(e.recipient for e in stopping.delivered + rest.delivered) == sorted(READERS)
 
 
 def test_a_reader_who_left_before_their_batch_is_skipped(nl: Newsletter, memory: MemoryTransport) -> None:

@@ -3,6 +3,7 @@ that dies is replaced, and Ctrl-C or SIGTERM stops them all."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from aiosmtpd.controller import Controller
 from sqlalchemy import func, select, text
 
-from newsletter.models import Signup
+from newsletter.models import OUTBOX, Signup
 from newsletter.signups import forget_old, process_signups
 
-from .conftest import POSTGRES_URL, form_data, free_port, wait_for
+from .conftest import POSTGRES_URL, SMTPSink, form_data, free_port, wait_for
 
 
 @pytest.fixture
@@ -163,6 +165,54 @@ def test_the_worker_stops_cleanly_on_ctrl_c_or_sigterm(site, smtp, config_file: 
     worker.send_signal(how)
     output, _ = worker.communicate(timeout=20)
     assert worker.returncode == 0 and "Traceback" not in output, output
+
+
+class SlowSink(SMTPSink):
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(0.05)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.parametrize(
+    ("command", "how"),
+    [
+        (["worker"], signal.SIGTERM),
+        (["worker"], signal.SIGINT),
+        (["serve", "--processes", "2"], signal.SIGTERM),
+        (["serve", "--processes", "1"], signal.SIGTERM),
+    ],
+    ids=["worker-sigterm", "worker-ctrl-c", "serve-sigterm", "serve-one-process-sigterm"],
+)
+def test_confirmations_on_the_wire_when_stopped_are_recorded_and_never_sent_twice(
+    site, config_file: Path, smtp_port: int, run, command: list[str], how: signal.Signals
+) -> None:
+    readers = [f"reader{i:03d}@example.com" for i in range(100)]
+    for address in readers:
+        assert site.subscribe(address).status_code == 200
+    assert site.record_signups() == len(readers)
+    sink = SlowSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        if command[0] == "serve":
+            command = [*command, "--port", str(free_port())]
+        proc = subprocess.Popen(
+            ["newsletter", "--config", str(config_file), *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_for(lambda: len(sink.messages) >= 10, timeout=30)
+        proc.send_signal(how)
+        output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in output, output
+        with site.nl.engine.connect() as conn:
+            assert conn.scalar(select(func.count()).where(OUTBOX.c.sent_at.is_not(None))) == len(sink.messages)
+        assert len(sink.messages) < len(readers)
+        run("worker", "--once")  # at once: nothing is left leased to a worker that is gone
+    finally:
+        controller.stop()
+    assert sorted(m.recipients[0] for m in sink.messages) == readers
 
 
 def test_old_processed_signups_are_forgotten_but_new_ones_never(site, nl, run) -> None:
