@@ -30,18 +30,21 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    Text,
     any_,
     bindparam,
     create_engine,
     event,
     func,
     inspect,
+    literal,
     literal_column,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -215,6 +218,14 @@ def ids_in(column: ColumnElement[int], name: str, bind: Connection | Engine) -> 
 def ids_value(ids: Sequence[int], bind: Connection | Engine) -> object:
     """IDS as a parameter of ids_in, for a DriverStatement."""
     return list(ids) if _postgresql(bind) else json.dumps(ids)
+
+
+def joined_in_order(column: ColumnElement[int], bind: Connection | Engine) -> ColumnElement[str]:
+    """The group's values of COLUMN joined by commas, smallest first. SQLite joins them in the order the rows
+    come, so select them from a subquery ordered by COLUMN within each group."""
+    if _postgresql(bind):
+        return func.string_agg(column.cast(Text), aggregate_order_by(literal(","), column))
+    return func.group_concat(column, ",")
 
 
 class CompiledClaim:

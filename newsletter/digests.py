@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, Connection, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, case, func, insert, literal, or_, select, update
 
 from . import db
 from .config import WEEKDAYS, DigestConfig
 from .messages import MessageTemplate, digest_template
-from .models import DELIVERIES, DIGESTS, SUBSCRIBERS, DeliveryStatus, Post, Status, utcnow
+from .models import DELIVERIES, DIGESTS, SUBSCRIBERS, DeliveryStatus, Post, Status, UTCDateTime, utcnow
 from .runtime import Newsletter
 
 CATCH_UP = "instant"  # a reader who went back to instant email gets what waited for them at once
@@ -79,41 +79,38 @@ def assemble(nl: Newsletter, now: datetime) -> int:
     with nl.engine.begin() as conn:
         lock(conn)
         before = conn.scalar(select(func.max(DIGESTS.c.id))) or 0
-        waiting = conn.execute(
+        waiting = (
             select(DELIVERIES.c.subscriber_id, SUBSCRIBERS.c.frequency, DELIVERIES.c.post_id)
             .join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
             .where(DELIVERIES.c.status == DeliveryStatus.WAITING, due)
-            .order_by(DELIVERIES.c.subscriber_id)
-        ).all()
-        posts: dict[int, tuple[str, list[int]]] = {}
-        for subscriber_id, frequency, post_id in waiting:
-            posts.setdefault(subscriber_id, (frequency, []))[1].append(post_id)
-        if posts:
-            conn.execute(
-                insert(DIGESTS),
-                [
-                    {
-                        "subscriber_id": subscriber_id,
-                        "period": current.get(frequency, now),
-                        "contents": contents_of(frequency, ids),
-                        "status": DeliveryStatus.PENDING,
-                    }
-                    for subscriber_id, (frequency, ids) in posts.items()
-                ],
+            .order_by(DELIVERIES.c.subscriber_id, DELIVERIES.c.post_id)
+            .subquery()
+        )
+        starts = [(waiting.c.frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
+        period = case(*starts, else_=literal(now, UTCDateTime()))
+        contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # as contents_of makes
+        made = conn.execute(
+            insert(DIGESTS).from_select(
+                ["subscriber_id", "period", "contents", "status"],
+                select(waiting.c.subscriber_id, period, contents, literal(DeliveryStatus.PENDING.value)).group_by(
+                    waiting.c.subscriber_id, waiting.c.frequency
+                ),
             )
-            made = select(DIGESTS.c.id).where(
+        ).rowcount
+        if made:
+            digest = select(DIGESTS.c.id).where(
                 DIGESTS.c.subscriber_id == DELIVERIES.c.subscriber_id, DIGESTS.c.id > before
             )
             conn.execute(
                 update(DELIVERIES)
-                .where(DELIVERIES.c.status == DeliveryStatus.WAITING, made.exists())
-                .values(status=DeliveryStatus.DIGESTED, digest_id=made.scalar_subquery())
+                .where(DELIVERIES.c.status == DeliveryStatus.WAITING, digest.exists())
+                .values(status=DeliveryStatus.DIGESTED, digest_id=digest.scalar_subquery())
             )
         for frequency, start in current.items():
             conn.execute(update(SUBSCRIBERS).where(due, SUBSCRIBERS.c.frequency == frequency).values(digest_at=start))
-    if posts:
+    if made:
         db.refresh_statistics(nl.engine, DIGESTS.name)
-    return len(posts)
+    return made
 
 
 @dataclass(frozen=True)
