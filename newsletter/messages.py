@@ -1,8 +1,8 @@
 """Render emails to the exact bytes that go over SMTP.
 
-A notification is rendered once per post, its CSS inlined then; for each recipient only the To, Message-ID
-and unsubscribe link are filled in, so a large list costs a string replace and a quoted-printable encode per
-message.
+A notification is rendered once per post, its CSS inlined and its bodies quoted-printable encoded then; for
+each recipient only the To, Message-ID and their links are filled in, so a message costs the joining of its
+bytes and the re-cutting of the few lines that hold a link.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
-from typing import Protocol, cast
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import css_inline
@@ -115,77 +116,90 @@ class RecipientLinks:
     """Where a template's per-recipient links go until each recipient's are filled in: made anew, at random,
     for each template, so no text in a post can know them and have a reader's link put in its place."""
 
-    marker: str  # in every line that holds one of them
     unsubscribe: str
     manage: str
 
     @classmethod
     def new(cls) -> RecipientLinks:
         marker = f"@@{secrets.token_hex(16)}"
-        return cls(marker, f"{marker}-unsubscribe@@", f"{marker}-manage@@")
+        return cls(f"{marker}-unsubscribe@@", f"{marker}-manage@@")
 
 
-def _qp_lines(text: str, placeholder: str) -> list[tuple[bool, bytes | str]]:
-    """TEXT's lines quoted-printable encoded, except those holding PLACEHOLDER (when not empty): a
-    RecipientLinks marker.
+# A body as it is stored in a template: encoded lines, each run of them joined (bytes), and each line with
+# recipient links as a tuple of its encoded pieces (bytes) and the names of the links between them (str).
+Body = list[bytes | tuple[bytes | str, ...]]
+QP_LINE = 76  # characters of an encoded line, soft break included (RFC 2045)
+_QP_SAFE = re.compile(rb"[!-<>-~]*")  # printable ASCII but "=": quoted-printable as it is
 
-    Quoted-printable works line by line, so a body is encoded once per post and only the lines with a
-    per-recipient link are encoded again for each message.
-    """
+
+def _qp_lines(text: str, links: RecipientLinks | None) -> Body:
+    """TEXT quoted-printable encoded, a body encoded once per template: only the links of LINKS are left to
+    fill in for each recipient (_fill)."""
     lines = text.replace("\r\n", "\n").split("\n")
     if len(lines) > 1 and lines[-1] == "":
         lines.pop()
-    parts: list[tuple[bool, bytes | str]] = []
+    names = {links.unsubscribe: "unsubscribe", links.manage: "manage"} if links else {}
+    marker = re.compile("|".join(map(re.escape, names))) if names else None
+    body: Body = []
     for line in lines:
-        if placeholder and placeholder in line:
-            parts.append((True, line))
-        elif parts and not parts[-1][0]:
-            parts[-1] = (False, cast(bytes, parts[-1][1]) + _qp_line(line))
+        if marker is not None and marker.search(line):
+            pieces = re.split(f"({marker.pattern})", line)
+            body.append(tuple(names[piece] if i % 2 else _escaped(piece) for i, piece in enumerate(pieces)))
+        elif body and isinstance(body[-1], bytes):
+            body[-1] += _qp_line(line)
         else:
-            parts.append((False, _qp_line(line)))
-    return parts
+            body.append(_qp_line(line))
+    return body
+
+
+def _escaped(text: str) -> bytes:
+    """TEXT (one line, without its line break) quoted-printable escaped, not yet cut to length."""
+    return binascii.b2a_qp(text.encode("utf-8"), istext=True).replace(b"=\n", b"")
 
 
 def _qp_line(line: str) -> bytes:
     """LINE quoted-printable, CRLF-terminated, with a dot that would start a line written =2E: the message then
     needs no dot-stuffing on the wire (mailer.Envelope.wire_ready)."""
-    encoded = binascii.b2a_qp(line.encode("utf-8") + b"\r\n", istext=True)
-    if encoded[:1] != b"." and b"\r\n." not in encoded:
-        return encoded
-    return b"".join(_dot_escaped(physical) for physical in encoded.splitlines(keepends=True))
+    return _soft_wrapped(_escaped(line))
 
 
-QP_LINE = 76  # characters of an encoded line, soft break included (RFC 2045)
+def _soft_wrapped(encoded: bytes) -> bytes:
+    """An escaped line cut by soft breaks into lines of at most QP_LINE characters, whole =XX escapes only,
+    none starting with a dot; with its CRLF."""
+    if len(encoded) < QP_LINE and encoded[:1] != b".":
+        return encoded + b"\r\n"
+    physical, start = [], 0
+    while True:
+        head = b""
+        if encoded[start : start + 1] == b".":
+            head, start = b"=2E", start + 1
+        room = QP_LINE - len(head)
+        if len(encoded) - start <= room:
+            physical.append(head + encoded[start:] + b"\r\n")
+            return b"".join(physical)
+        cut = start + room - 1  # one place is kept for the soft break's "="
+        if encoded[cut - 1 : cut] == b"=":
+            cut -= 1
+        elif encoded[cut - 2 : cut - 1] == b"=":
+            cut -= 2
+        physical.append(head + encoded[start:cut] + b"=\r\n")
+        start = cut
 
 
-def _dot_escaped(physical: bytes) -> bytes:
-    """One encoded line (CRLF included) with its leading dot as =2E, split by a soft break where that makes
-    it longer than QP_LINE."""
-    if physical[:1] != b".":
-        return physical
-    text = b"=2E" + physical[1:-2]
-    if len(text) <= QP_LINE:
-        return text + b"\r\n"
-    cut = 0
-    while cut < QP_LINE - 1:  # whole =XX escapes only; one place is kept for the soft break's "="
-        step = 3 if text[cut : cut + 1] == b"=" else 1
-        if cut + step > QP_LINE - 1:
-            break
-        cut += step
-    return text[:cut] + b"=\r\n" + _dot_escaped(text[cut:] + b"\r\n")
+def _fill(body: Body, links: dict[str, bytes]) -> bytes:
+    """The encoded BODY with each recipient link named in it replaced by its value in LINKS (escaped)."""
+    return b"".join(
+        part
+        if isinstance(part, bytes)
+        else _soft_wrapped(b"".join(links[piece] if isinstance(piece, str) else piece for piece in part))
+        for part in body
+    )
 
 
-def _fill(parts: list[tuple[bool, bytes | str]], links: RecipientLinks | None, filled: dict[str, str]) -> bytes:
-    """The encoded body with each recipient link of LINKS replaced by its value in FILLED ("" when absent)."""
-
-    def line(text: str) -> bytes:
-        assert links is not None  # a line is per-recipient only when the template has links
-        for name in ("unsubscribe", "manage"):
-            text = text.replace(getattr(links, name), filled.get(name, ""))
-        return _qp_line(text)
-
-    # A part is the line itself (str) exactly when it is per-recipient, else its encoding (bytes): see _qp_lines.
-    return b"".join(line(cast(str, part)) if per_recipient else cast(bytes, part) for per_recipient, part in parts)
+def _link(url: str | None) -> bytes:
+    """URL as it goes in a quoted-printable line ("" when there is none)."""
+    raw = (url or "").encode("utf-8")
+    return raw if _QP_SAFE.fullmatch(raw) else _escaped(url or "")
 
 
 @dataclass(frozen=True)
@@ -195,10 +209,9 @@ class MessageTemplate:
     sender: str
     domain: str
     head: bytes
-    text: list[tuple[bool, bytes | str]]
-    html: list[tuple[bool, bytes | str]]
+    text: Body
+    html: Body
     boundary: str
-    links: RecipientLinks | None
 
     def render(
         self,
@@ -211,7 +224,7 @@ class MessageTemplate:
         """The message to RECIPIENT; a list email's List-Unsubscribe offers UNSUBSCRIBE_URL first, then, when
         given, UNSUBSCRIBE_MAILTO (for mail apps that unsubscribe by email)."""
         head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
-        filled = {"unsubscribe": unsubscribe_url or "", "manage": manage_url or ""}
+        links = {"unsubscribe": _link(unsubscribe_url), "manage": _link(manage_url)}
         if unsubscribe_url is not None:
             mailto = f", <{unsubscribe_mailto}>" if unsubscribe_mailto else ""
             head += [
@@ -228,11 +241,11 @@ class MessageTemplate:
                 b"--",
                 b,
                 b'\r\nContent-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
-                _fill(self.text, self.links, filled),
+                _fill(self.text, links),
                 b"--",
                 b,
                 b'\r\nContent-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n',
-                _fill(self.html, self.links, filled),
+                _fill(self.html, links),
                 b"--",
                 b,
                 b"--\r\n",
@@ -266,10 +279,9 @@ def message_template(
         sender=sender.addr_spec,
         domain=sender.domain,
         head=head + extra_headers,
-        text=_qp_lines(text, links.marker if links else ""),
-        html=_qp_lines(html, links.marker if links else ""),
+        text=_qp_lines(text, links),
+        html=_qp_lines(html, links),
         boundary="=_" + secrets.token_hex(12),
-        links=links,
     )
 
 

@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from newsletter.cli import cli
-from newsletter.messages import _qp_line
+from newsletter.messages import RecipientLinks, _fill, _link, _qp_line, _qp_lines
 
 from .conftest import publish
 
@@ -636,3 +636,20 @@ def test_no_encoded_line_starts_with_a_dot_and_every_line_decodes_back(line: str
     assert not any(p.startswith(b".") for p in physical)
     assert max(map(len, physical)) <= max(76, *map(len, plain))
     assert binascii.a2b_qp(encoded).decode() == line + "\r\n"
+
+
+@given(
+    st.text(alphabet=".. .x=é\t ab", max_size=200),
+    st.text(alphabet=".. .x=é\t ab", max_size=200),
+    st.text(alphabet="abc./:?=&%-_~é ", max_size=150),
+)
+def test_a_readers_link_fills_its_line_whole_whatever_surrounds_it(before: str, after: str, url: str) -> None:
+    """The line holding a reader's link, encoded ahead and filled in per reader, keeps every rule of an
+    encoded line (at most 76 characters, none starting with a dot) and decodes to the line with the link."""
+    links = RecipientLinks.new()
+    body = _qp_lines(f"{before}{links.unsubscribe}{after}\n{links.manage}", links)
+    filled = _fill(body, {"unsubscribe": _link(url), "manage": _link("https://news.example.com/manage/x")})
+    physical = filled.split(b"\r\n")[:-1]
+    assert not any(p.startswith(b".") for p in physical)
+    assert max(map(len, physical)) <= 76
+    assert binascii.a2b_qp(filled).decode() == f"{before}{url}{after}\r\nhttps://news.example.com/manage/x\r\n"
