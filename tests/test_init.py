@@ -1,5 +1,5 @@
 """`newsletter init`: a first configuration and database from flags or answers, and a fresh install that
-serves its pages."""
+serves its pages; `newsletter demo`, the README's first command, from its banner to SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,17 +10,23 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+from collections.abc import Callable
+from email import message_from_bytes, policy
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import requests
 from click.testing import CliRunner
+from markupsafe import escape
 
 from newsletter.cli import cli
 
 from .conftest import free_port
+from .test_drift import readme_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = [
@@ -138,3 +144,78 @@ def test_a_fresh_install_inits_and_serves_its_pages(tmp_path: Path) -> None:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     assert not healthy()
+
+
+def test_the_demo_serves_its_pages_catches_the_confirmation_email_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`newsletter demo` as the README's first command runs it: its banner is the README's, a reader signs up
+    with the form, the confirmation email shows up on the demo page, in the terminal and in its folder, and
+    SIGTERM stops it with status 0."""
+    port, smtp_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    with (tmp_path / "stderr").open("wb") as errors:
+        demo = subprocess.Popen(
+            ["newsletter", "demo", "--port", str(port), "--smtp-port", str(smtp_port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    terminal = demo.stdout
+    assert terminal is not None
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(iter(terminal.readline, "")), daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def until(found: Callable[[], object], what: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not found():
+            assert demo.poll() is None, f"the demo stopped ({demo.returncode}): {''.join(printed)}"
+            assert time.monotonic() < deadline, f"no {what} in time: {''.join(printed)}"
+            time.sleep(0.05)
+
+    try:
+        until(lambda: any("Send new posts:" in line for line in printed), "banner")
+        banner = "".join(printed).rstrip("\n").split("\n")
+        blocks = readme_blocks()
+        [shown] = [after for block, after in pairwise(blocks) if block.lines[-1].endswith("newsletter demo")]
+        assert banner == [line.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for line in shown.lines]
+
+        page = requests.get(f"{base}/", timeout=5)
+        opened = time.monotonic()
+        assert page.status_code == 200
+        form = re.search(r'<form method="post" action="/subscribe"[^>]*>(.*?)</form>', page.text, re.S)
+        assert form is not None and 'name="email"' in form[1], page.text
+        fields = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', form[1]))
+        time.sleep(max(0.0, opened + 2.1 - time.monotonic()))  # [web] min_fill_seconds: a person takes that long
+        answer = requests.post(
+            f"{base}/subscribe", data={**fields, "email": "reader@example.com", "website": ""}, timeout=5
+        )
+        assert answer.status_code == 200 and "Check your inbox" in answer.text
+
+        until(lambda: any("[mail catcher]   " in line and "/confirm/" in line for line in printed), "confirm link")
+        caught = [line for line in printed if line.startswith("[mail catcher] to reader@example.com: ")]
+        [subject] = [line.split(": ", 1)[1].strip() for line in caught]
+        [link] = [line.split()[-1] for line in printed if "/confirm/" in line]
+        assert link.startswith(f"{base}/confirm/")
+        mailbox = requests.get(f"{base}/demo", timeout=5)
+        assert mailbox.status_code == 200 and escape(subject) in mailbox.text and link in mailbox.text
+        html_version = re.search(r'href="(/demo/mail/\w+\.html)"', mailbox.text)
+        assert html_version is not None and link in requests.get(base + html_version[1], timeout=5).text
+        [eml] = (tmp_path / "newsletter-demo" / "mail").glob("*.eml")
+        kept = message_from_bytes(eml.read_bytes(), policy=policy.default)
+        assert kept["Subject"] == subject and link in kept.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        confirm = requests.get(link, timeout=5)
+        assert confirm.status_code == 200 and 'name="csrf_token"' in confirm.text
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        try:
+            status = demo.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            raise
+        reader.join(timeout=5)
+    assert status == 0, "".join(printed)
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr and "Traceback" not in "".join(printed), stderr

@@ -46,7 +46,7 @@ def inbound(state: State, maildir: Path | None, recipient: str) -> None:
       unsubscribe: "|newsletter --config /srv/newsletter/config.toml inbound"
       # or, from cron, a mailbox a hosted relay forwards bounces to
       $ newsletter inbound --maildir ~/Maildir
-      processed 3: bounced 1, soft bounce 1, ignored 1
+      processed 3: bounced 1, ignored 1, soft bounce 1
     """
     from .. import inbound as inbound_service  # flufl.bounce takes a while to load: only for this command
 
