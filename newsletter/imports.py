@@ -311,13 +311,16 @@ def _csv_rows(header: str, file: TextIO, name: str) -> tuple[ImportLayout, Itera
     layout = ImportLayout(fmt, delimiter, {n.lower(): n for n in names})
 
     def rows() -> Iterator[tuple[int, dict[str, str]]]:
+        """Each row with the line it starts on (a quoted cell may hold line breaks)."""
+        ended = reader.line_num
         for raw_row in reader:
             row = {
                 (k or "").strip().lower(): from_spreadsheet((v or "").strip())
                 for k, v in raw_row.items()
                 if isinstance(v, str)
             }
-            yield reader.line_num, row
+            yield ended + 1, row
+            ended = reader.line_num
 
     return layout, rows()
 

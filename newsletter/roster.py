@@ -112,16 +112,17 @@ EXPORT_COLUMNS = [
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+QUOTED_STARTS = (*FORMULA_STARTS, "'")  # a cell that starts with the quote itself gets one too, to come back whole
 
 
 def spreadsheet_safe(cell: str) -> str:
     """CELL as a spreadsheet shows it and never runs it: a leading ' before what starts a formula (OWASP)."""
-    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+    return "'" + cell if cell.startswith(QUOTED_STARTS) else cell
 
 
 def from_spreadsheet(cell: str) -> str:
     """A cell as spreadsheet_safe wrote it, back as it was."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(QUOTED_STARTS) else cell
 
 
 def export_row(subscriber: Subscriber) -> list[str]:

@@ -15,7 +15,7 @@ import click
 import pytest
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner, Result
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from newsletter.cli import cli
 from newsletter.models import Delivery, OutboxMessage, Subscriber
@@ -286,20 +286,38 @@ def test_export_prints_every_subscriber_with_consent(site, run: Run) -> None:
 
 def test_export_writes_no_formula_and_import_reads_it_back(nl, run: Run, tmp_path: Path) -> None:
     """Cells a spreadsheet would run (OWASP CSV injection) get a leading quote; import takes it off again."""
-    addresses = ["=1+1@example.com", "-2+3@example.com", "+sum@example.com", "plain@example.com"]
+    addresses = ["=1+1@example.com", "-2+3@example.com", "+sum@example.com", "plain@example.com", "'-x@example.com"]
     for address in addresses:
         run("subscribers", "add", "--confirmed", "--", address)
+    # No address or IP starts with @, a tab or a CR: such cells come only from editing the database by hand
+    edited = {"at@example.com": "@SUM(1+1)", "tab@example.com": "\t=1+1", "cr@example.com": "\r=1+1"}
+    for address, cell in edited.items():
+        run("subscribers", "add", "--confirmed", address)
+        with nl.sessions.begin() as session:
+            session.execute(update(Subscriber).where(Subscriber.email == address).values(subscribed_ip=cell))
     exported = ok(run("subscribers", "export"))
-    rows = list(csv.reader(io.StringIO(exported)))[1:]
-    assert [row[0] for row in rows] == ["'=1+1@example.com", "'-2+3@example.com", "'+sum@example.com", addresses[3]]
+    header, *rows = csv.reader(io.StringIO(exported))
+    assert [row[0] for row in rows] == [
+        "'=1+1@example.com",
+        "'-2+3@example.com",
+        "'+sum@example.com",
+        addresses[3],
+        "''-x@example.com",
+        *edited,
+    ]
+    assert [row[header.index("subscribed_ip")] for row in rows[5:]] == ["'@SUM(1+1)", "'\t=1+1", "'\r=1+1"]
     assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for row in rows for cell in row)
 
-    for address in addresses:
+    for address in [*addresses, *edited]:
         run("subscribers", "remove", "--", address)
     (tmp_path / "export.csv").write_text(exported, encoding="utf-8")
-    assert ok(run("subscribers", "import", str(tmp_path / "export.csv"))).startswith(
-        "imported 4; already there 0; refused 0"
-    )
+    lines = ok(run("subscribers", "import", "--verbose", str(tmp_path / "export.csv"))).splitlines()
+    assert lines[0] == "imported 5; already there 0; refused 3"
+    assert lines[1:] == [  # each cell read back as it was in the database, and refused: it is not an IP
+        "  line 7: 'at@example.com': subscribed_ip '@SUM(1+1)' is not an IP address",
+        "  line 8: 'tab@example.com': subscribed_ip '\\t=1+1' is not an IP address",
+        "  line 9: 'cr@example.com': subscribed_ip '\\r=1+1' is not an IP address",
+    ]
     assert listed(run) == addresses
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from newsletter.models import OUTBOX, Confirmation, OutboxMessage, Status, Subscriber
+from newsletter.models import OUTBOX, Confirmation, OutboxMessage, Signup, Status, Subscriber
 
 from .conftest import publish
 from .test_links import confirmed, signed_up
@@ -56,16 +56,21 @@ def test_an_import_leaves_readers_who_left_as_they_are(site, smtp, run, feed, tm
     assert [m.recipients for m in smtp.messages] == [["new@example.com"]]
 
 
-def test_the_owner_cannot_confirm_a_reader_who_left_without_force(site, smtp, run, feed) -> None:
-    before = left(site, smtp, "gone@example.com")
+@pytest.mark.parametrize("goodbye", ["unsubscribed", "bounced"])
+def test_the_owner_cannot_confirm_a_reader_who_left_without_force(site, smtp, run, feed, goodbye: str) -> None:
+    if goodbye == "unsubscribed":
+        left(site, smtp, "gone@example.com")
+    else:
+        bounced(run, smtp, feed, "gone@example.com")
+    before = subscriber(site.nl, "gone@example.com")
     refused = run("subscribers", "add", "gone@example.com", "--confirmed")
     assert refused.exit_code == 1
     assert refused.output.strip() == (
-        "Error: gone@example.com is unsubscribed: they left the list, so it is not confirmed again; "
+        f"Error: gone@example.com is {goodbye}: they left the list, so it is not confirmed again; "
         "add --force only if they asked you to add them back"
     )
-    assert subscriber(site.nl, "gone@example.com").status is Status.UNSUBSCRIBED
-    assert "already there: gone@example.com (unsubscribed)" in run("subscribers", "add", "gone@example.com").output
+    assert f"already there: gone@example.com ({goodbye})" in run("subscribers", "add", "gone@example.com").output
+    assert subscriber(site.nl, "gone@example.com").status is Status(goodbye)
     assert "--force" in run("subscribers", "add", "--help").output
 
     forced = run("subscribers", "add", "gone@example.com", "--confirmed", "--force")
@@ -102,11 +107,15 @@ def test_signing_up_again_does_not_resubscribe_until_the_new_link_is_clicked(sit
 
 
 def age(nl, days: float, address: str) -> None:
-    """Move ADDRESS's sign-up and its emails DAYS into the past."""
+    """Move ADDRESS's sign-up (for a reader already on the list, their sign-up again) and its emails DAYS
+    into the past."""
     with nl.sessions.begin() as session:
         reader = session.scalars(select(Subscriber).where(Subscriber.email_key == address)).one()
-        reader.created_at -= timedelta(days=days)
-        reader.subscribed_at -= timedelta(days=days)
+        if reader.pending_at is not None:
+            reader.pending_at -= timedelta(days=days)
+        else:
+            reader.created_at -= timedelta(days=days)
+            reader.subscribed_at -= timedelta(days=days)
         for message in session.scalars(select(OutboxMessage).where(OutboxMessage.subscriber_id == reader.id)):
             message.created_at -= timedelta(days=days)
 
@@ -128,3 +137,34 @@ def test_unconfirmed_signups_are_forgotten_after_the_configured_days(site, smtp,
         recipients = conn.scalars(select(OUTBOX.c.recipient)).all()
     assert sorted(recipients) == ["recent@example.com"]  # the never-delivered email went with its reader
     assert "sign-ups waiting for confirmation: 1 (forgotten after 3 days)" in run("stats").output
+
+
+@pytest.mark.parametrize("extra_config", ["\n[web]\nunconfirmed_days = 3\nnetwork_ceiling = 1\n"])
+def test_confirmations_held_in_a_flood_are_forgotten_with_their_sign_ups(site, smtp, run) -> None:
+    """The sign-up again of a reader who left is forgotten too, and they stay unsubscribed."""
+    left(site, smtp, "back@example.com")
+    with site.nl.sessions.begin() as session:  # the ten-minute spacing of confirmation emails has passed
+        for confirmation in session.scalars(select(Confirmation)):
+            confirmation.sent_at -= timedelta(minutes=11)
+    site.subscribe("back@example.com")  # the network's second sign-up this hour: over its ceiling of one
+    site.subscribe("new@example.com")
+    smtp.clear()
+    site.deliver_outbox()
+    assert smtp.messages == []
+    stats = run("stats").output.splitlines()
+    assert {"sign-ups waiting for confirmation: 2 (forgotten after 3 days)", "outbox: 0 queued, 2 held"} <= set(stats)
+    assert subscriber(site.nl, "back@example.com").pending_ip == "127.0.0.1"
+
+    age(site.nl, 4, "back@example.com")
+    age(site.nl, 4, "new@example.com")
+    with site.nl.sessions.begin() as session:  # the flood is long over
+        for signup in session.scalars(select(Signup)):
+            signup.received_at -= 4 * 86400
+    assert run("worker", "--once").exit_code == 0
+    assert smtp.messages == []
+    back = subscriber(site.nl, "back@example.com")
+    assert back.status is Status.UNSUBSCRIBED
+    assert (back.pending_at, back.pending_ip, back.pending_user_agent) == (None, None, None)
+    assert subscriber(site.nl, "new@example.com") is None
+    stats = run("stats").output.splitlines()
+    assert {"sign-ups waiting for confirmation: 0 (forgotten after 3 days)", "outbox: 0 queued, 0 held"} <= set(stats)

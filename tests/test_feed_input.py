@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -73,7 +74,7 @@ def use_feed(config_file: Path, feed: Path, source: str) -> None:
 # ---- titles ---------------------------------------------------------------------------------------
 
 
-def test_rss_titles_with_entities_reach_the_reader_as_plain_text(nl, smtp, run: Run, feed: Path) -> None:
+def test_rss_titles_with_entities_reach_the_reader_as_plain_text(site, smtp, run: Run, feed: Path) -> None:
     run("subscribers", "add", "reader@example.com", "--confirmed")
     ok(run("posts", "fetch"))
     titles = {
@@ -95,6 +96,15 @@ def test_rss_titles_with_entities_reach_the_reader_as_plain_text(nl, smtp, run: 
     listed = ok(run("posts", "list"))
     assert all(f"  {title}  <" in listed for title in titles.values())
     assert "&amp;" not in listed and "&#" not in listed and "<b>" not in listed
+
+    archive = site.get("/archive").text
+    pages = {html.unescape(title): post for post, title in re.findall(r'<a href="/archive/(\d+)">([^<]+)</a>', archive)}
+    assert set(pages) == set(titles.values())
+    assert "&amp;amp;" not in archive and "&amp;#" not in archive
+    for title, post in pages.items():
+        page = site.get(f"/archive/{post}").text
+        assert headings(page) == {"title": title, "h1": title}
+        assert "&amp;amp;" not in page and "&amp;#" not in page
 
 
 def test_atom_html_and_xhtml_titles_reach_the_reader_as_plain_text(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
@@ -172,11 +173,11 @@ def subscribers_remove(state: State, email: str) -> None:
 
 
 @subscribers.command("import")
-@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@click.argument("file", type=click.File("rb"))
 @click.option("--verbose", "-v", is_flag=True, help="List every row not imported: its line and why.")
 @click.option("--dry-run", is_flag=True, help="Count what would be imported; write nothing.")
 @pass_state
-def subscribers_import(state: State, file: TextIO, verbose: bool, dry_run: bool) -> None:
+def subscribers_import(state: State, file: BinaryIO, verbose: bool, dry_run: bool) -> None:
     """Import a CSV file: this newsletter's export, or one of WordPress.com/Jetpack, FeedBurner, Mailchimp or Substack.
 
     The file is recognised by its columns: `email` and optionally `status` and the consent columns of an
@@ -198,9 +199,10 @@ def subscribers_import(state: State, file: TextIO, verbose: bool, dry_run: bool)
       imported 2; already there 1; refused 1 (run with --verbose to list them)
     """
     nl = state.newsletter()
+    text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")  # a line break inside a quoted cell stays
     bar = _ImportBar(os.path.basename(file.name)) if sys.stderr.isatty() else None
     try:
-        report = imports.import_csv(nl, file, listed=verbose, progress=bar, dry_run=dry_run, recognised=_say_what_it_is)
+        report = imports.import_csv(nl, text, listed=verbose, progress=bar, dry_run=dry_run, recognised=_say_what_it_is)
     except imports.ImportFileError as exc:
         raise Failure(str(exc)) from None
     finally:
@@ -285,4 +287,4 @@ def subscribers_export(state: State) -> None:
     Example:
       $ newsletter subscribers export > subscribers.csv
     """
-    csv.writer(sys.stdout, lineterminator="\n").writerows(roster.export(state.newsletter()))
+    csv.writer(sys.stdout, lineterminator="\r\n").writerows(roster.export(state.newsletter()))  # RFC 4180
