@@ -89,22 +89,24 @@ def assemble(nl: Newsletter, now: datetime) -> int:
         starts = [(waiting.c.frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
         period = case(*starts, else_=literal(now, UTCDateTime()))
         contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # as contents_of makes
-        made = conn.execute(
+        conn.execute(
             insert(DIGESTS).from_select(
                 ["subscriber_id", "period", "contents", "status"],
                 select(waiting.c.subscriber_id, period, contents, literal(DeliveryStatus.PENDING.value)).group_by(
                     waiting.c.subscriber_id, waiting.c.frequency
                 ),
             )
-        ).rowcount
+        )
+        made = conn.scalar(select(func.count()).where(DIGESTS.c.id > before)) or 0
         if made:
-            digest = select(DIGESTS.c.id).where(
-                DIGESTS.c.subscriber_id == DELIVERIES.c.subscriber_id, DIGESTS.c.id > before
-            )
             conn.execute(
                 update(DELIVERIES)
-                .where(DELIVERIES.c.status == DeliveryStatus.WAITING, digest.exists())
-                .values(status=DeliveryStatus.DIGESTED, digest_id=digest.scalar_subquery())
+                .where(
+                    DELIVERIES.c.status == DeliveryStatus.WAITING,
+                    DIGESTS.c.subscriber_id == DELIVERIES.c.subscriber_id,
+                    DIGESTS.c.id > before,
+                )
+                .values(status=DeliveryStatus.DIGESTED, digest_id=DIGESTS.c.id)
             )
         for frequency, start in current.items():
             conn.execute(update(SUBSCRIBERS).where(due, SUBSCRIBERS.c.frequency == frequency).values(digest_at=start))

@@ -42,10 +42,10 @@ from .messages import MessageTemplate, digest_template, notification_template
 from .models import (
     DELIVERIES,
     DIGESTS,
+    OUTBOX,
     SUBSCRIBERS,
     Delivery,
     DeliveryStatus,
-    OutboxMessage,
     Post,
     Status,
     Subscriber,
@@ -177,20 +177,20 @@ def retry_failed(nl: Newsletter) -> int:
 
 
 def _sent_in_last_day(nl: Newsletter) -> int:
+    """Notifications, digests and one-off emails sent in the last 24 hours, for [smtp] max_per_day."""
     since = utcnow() - timedelta(days=1)
-    with nl.sessions() as session:
-        notifications = (
-            session.scalar(
+    with nl.engine.connect() as conn:
+        ledgers = sum(
+            conn.scalar(
                 select(func.count())
-                .select_from(Delivery)
-                .where(Delivery.status == DeliveryStatus.SENT, Delivery.updated_at >= since)
+                .select_from(table)
+                .where(table.c.status == DeliveryStatus.SENT, table.c.updated_at >= since)
             )
             or 0
+            for table in LEDGERS
         )
-        one_off = (
-            session.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at >= since)) or 0
-        )
-    return notifications + one_off
+        one_off = conn.scalar(select(func.count()).select_from(OUTBOX).where(OUTBOX.c.sent_at >= since)) or 0
+    return ledgers + one_off
 
 
 def send(
