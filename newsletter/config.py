@@ -255,7 +255,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "settings", demo: bo
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"{source}: unknown key [{section}] {key}; known keys are " + ", ".join(fields))
-            converted[fields[key].name] = _convert(value, getattr(defaults, fields[key].name), f"[{section}] {key}")
+            where = f"{source}: [{section}] {key}"
+            converted[fields[key].name] = _convert(value, getattr(defaults, fields[key].name), where)
         sections[section] = dataclasses.replace(defaults, **converted)
     return _validated(Config(**sections, source=source, demo=demo))
 
@@ -364,6 +365,8 @@ def _validated(config: Config) -> Config:
             f'{where}: [web] rate_limit must read like "10 per hour" or "5/minute; 20/day", '
             f"not {config.web.rate_limit!r}"
         ) from None
+    weekday = config.digest.weekday.lower()  # "Monday" as well as "monday"
+    config = dataclasses.replace(config, digest=dataclasses.replace(config.digest, weekday=weekday))
     _validate_digest(config.digest, where)
     if config.database.url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql"):
         raise ConfigError(

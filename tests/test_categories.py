@@ -3,6 +3,7 @@ instant email and in digests alike."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -12,6 +13,7 @@ from newsletter import categories
 from newsletter.models import Post, Subscriber
 
 from .test_digests import at, inbox, reader, send
+from .test_manage import reader_row
 
 
 @pytest.fixture
@@ -90,6 +92,30 @@ def test_a_post_in_an_excluded_category_is_never_mailed_nor_offered(personal_exc
         held_back = session.scalars(select(Post).where(Post.title == "holiday snaps")).one()
         assert held_back.announced_at is not None and held_back.queued_at is None
         assert categories.available(nl, session) == ["Fishing", "Travel"]
+
+
+@pytest.fixture
+def owner_lists_fishing_and_boats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_SITE__CATEGORIES", "Fishing, Boats")
+
+
+def test_the_owners_list_of_categories_is_what_readers_may_choose(
+    owner_lists_fishing_and_boats, nl, site, memory
+) -> None:
+    publish(nl, "seed", at(-1, 0), "Fishing", "Weather", "Travel")
+    reader(nl, "reader@example.com", "instant")
+    send(nl, at(0, 0))
+    inbox(memory)
+    link = nl.manage_url(reader_row(nl, "reader@example.com").id)
+    page = site.get(link).text
+    assert re.findall(r'name="categories" value="([^"]*)"', page) == ["Boats", "Fishing"]
+    chosen = site.press(link, data={"categories": ["Weather", "Boats"]})  # Weather is not on offer
+    assert chosen.status_code == 200 and "You now get posts about Boats." in chosen.text
+
+    publish(nl, "storm", at(0, 1), "Weather")
+    publish(nl, "hull", at(0, 2), "Boats")
+    send(nl, at(0, 3))
+    assert [(to, titles) for to, _, titles in inbox(memory)] == [("reader@example.com", ["hull"])]
 
 
 RSS_WITH_CATEGORIES = """<?xml version="1.0" encoding="UTF-8"?>

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from newsletter.config import load_config
 from newsletter.tokens import InvalidToken, Tokens
 
 from .conftest import free_port
@@ -120,6 +121,36 @@ def test_smtp_port_must_be_a_number(tmp_path: Path) -> None:
     text = settings(tmp_path, smtp_port=2525).replace("port = 2525", 'port = "abc"')
     line = config_error(newsletter("--config", str(write(tmp_path, text)), "send"))
     assert "[smtp] port" in line and "'abc'" in line and "whole number" in line
+
+
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("send_hour = 24", "[digest] send_hour must be an hour from 0 to 23, not 24"),
+        ("send_hour = -1", "[digest] send_hour must be a whole number of 0 or more, not -1"),
+        (
+            'weekday = "mon"',
+            "[digest] weekday must be one of monday, tuesday, wednesday, thursday, friday, saturday, sunday, not 'mon'",
+        ),
+        (
+            'timezone = "Mars/Olympus"',
+            "[digest] timezone must be an IANA time zone name such as Europe/Paris or UTC, not 'Mars/Olympus'",
+        ),
+        (
+            'default_frequency = "hourly"',
+            "[digest] default_frequency must be one of instant, daily, weekly, not 'hourly'",
+        ),
+    ],
+    ids=["send_hour-24", "send_hour-negative", "weekday", "timezone", "default_frequency"],
+)
+def test_a_bad_digest_setting_says_what_it_must_be(tmp_path: Path, setting: str, says: str) -> None:
+    config = write(tmp_path, settings(tmp_path) + f"\n[digest]\n{setting}\n")
+    assert config_error(newsletter("--config", str(config), "send")) == f"Error: {config}: {says}"
+
+
+def test_a_weekday_may_be_written_with_a_capital(tmp_path: Path) -> None:
+    config = write(tmp_path, settings(tmp_path) + '\n[digest]\nweekday = "Sunday"\n')
+    assert load_config(config, environ={}).digest.weekday == "sunday"
 
 
 def test_config_file_that_does_not_exist(tmp_path: Path) -> None:

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from newsletter import db, dispatch, roster
 from newsletter.config import DigestConfig
 from newsletter.digests import periods
 from newsletter.mailer import MemoryTransport
-from newsletter.models import Digest, Post, Subscriber
+from newsletter.models import Delivery, DeliveryStatus, Digest, Post, Subscriber, utcnow
 from newsletter.runtime import Newsletter
 from newsletter.subscriptions import set_frequency
+from newsletter.worker import run_worker
 
 from .conftest import publish as publish_entry
+from .conftest import wait_for
 from .test_cli import newsletter
 
 MONDAY = datetime(2026, 11, 30, tzinfo=UTC)  # a Monday
@@ -199,6 +202,67 @@ def test_a_digest_is_one_rendering_for_all_who_get_the_same_posts(nl: Newsletter
     assert len(ids) == 30  # each message its own Message-ID
 
 
+def test_a_post_announced_before_a_reader_confirmed_is_not_in_their_first_digest(
+    nl: Newsletter, memory: MemoryTransport
+) -> None:
+    reader(nl, "early@example.com", "daily")
+    send(nl, at(0, 9))  # today's digest: nothing to send yet
+    publish(nl, "before", at(0, 10))
+    send(nl, at(0, 10, 5))
+    reader(nl, "late@example.com", "daily")
+    publish(nl, "after", at(0, 11))
+    send(nl, at(0, 11, 5))
+    send(nl, at(1, 8))
+    assert sorted(inbox(memory)) == [
+        ("early@example.com", "Daily digest from Harbour Notes: before and 1 more", ["before", "after"]),
+        ("late@example.com", "Daily digest from Harbour Notes: after", ["after"]),
+    ]
+
+
+@pytest.fixture
+def five_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_SMTP__MAX_PER_DAY", "5")
+
+
+def a_day_passes(nl: Newsletter) -> None:
+    """Stand-in for tomorrow: every email sent so far, notification or digest, was sent more than a day ago."""
+    with nl.sessions.begin() as session:
+        for ledger in (Delivery, Digest):
+            session.execute(
+                update(ledger)
+                .where(ledger.status == DeliveryStatus.SENT)
+                .values(updated_at=utcnow() - timedelta(days=1, minutes=1))
+            )
+
+
+def test_max_per_day_holds_digests_too_and_the_next_day_sends_the_rest(
+    five_a_day, nl: Newsletter, memory: MemoryTransport
+) -> None:
+    instant = ["now0@example.com", "now1@example.com"]
+    daily = [f"day{i}@example.com" for i in range(5)]
+    for address in instant:
+        reader(nl, address, "instant")
+    for address in daily:
+        reader(nl, address, "daily")
+    publish(nl, "a", at(0, 6))
+    first = send(nl, at(0, 9))
+    assert (first.posts, first.digests, first.sent, first.quota_reached) == (1, 5, 5, True)
+    assert "stopped at [smtp] max_per_day: the next run continues" in first.summary()
+    got = inbox(memory)
+    assert sorted(to for to, _, _ in got if to in instant) == instant
+    assert len(got) == 5
+    again = send(nl, at(0, 10))  # the same day: the quota is used up, by notifications and digests alike
+    assert (again.sent, again.quota_reached) == (0, True)
+    assert inbox(memory) == []
+
+    a_day_passes(nl)
+    second = send(nl, at(1, 9))
+    assert (second.sent, second.quota_reached) == (2, False)
+    got += inbox(memory)
+    assert sorted(to for to, _, _ in got) == sorted(instant + daily)  # every reader once
+    assert all(titles == ["a"] for _, _, titles in got)
+
+
 # ---- the real command over real SMTP ------------------------------------------------------------
 
 
@@ -271,3 +335,42 @@ def test_a_sample_digest_to_one_address_records_nothing(nl, run, smtp, feed, con
     )
     with nl.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Digest)) == 0
+
+
+@pytest.mark.parametrize("extra_config", [digest_due_now()])
+def test_a_digest_carries_the_headers_of_a_notification(nl, run, smtp, feed) -> None:
+    assert run("posts", "fetch").exit_code == 0
+    for address, frequency in [("now@example.com", "instant"), ("day@example.com", "daily")]:
+        assert run("subscribers", "add", address, "--confirmed").exit_code == 0
+        choose(nl, address, frequency)
+    publish_entry(feed, "First light", "first-light")
+    assert run("send").exit_code == 0
+    [notification] = smtp.to("now@example.com")
+    [digest] = smtp.to("day@example.com")
+    assert sorted(digest.message.keys()) == sorted(notification.message.keys())
+    for header in ("From", "List-Id", "Precedence", "Auto-Submitted", "List-Unsubscribe-Post", "MIME-Version"):
+        assert digest.message[header] == notification.message[header], header
+    for message in (notification, digest):
+        assert message.message["List-Unsubscribe"].startswith("<https://news.example.com/unsubscribe/")
+    assert digest.message["List-Unsubscribe"] != notification.message["List-Unsubscribe"]  # each reader's own
+
+
+@pytest.mark.parametrize("extra_config", [digest_due_now() + "[schedule]\npoll_minutes = 1\n"])
+def test_the_worker_sends_the_digests_that_are_due(nl, run, smtp, feed) -> None:
+    """No cron: the worker of `newsletter serve` fetches the feed as it polls and sends the digests due."""
+    assert run("posts", "fetch").exit_code == 0
+    for address, frequency in [("day@example.com", "daily"), ("week@example.com", "weekly")]:
+        assert run("subscribers", "add", address, "--confirmed").exit_code == 0
+        choose(nl, address, frequency)
+    publish_entry(feed, "First light", "first-light")
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(nl, stop, 0.1))
+    worker.start()
+    try:
+        wait_for(lambda: len(smtp.messages) >= 2)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert smtp.subjects("day@example.com") == ["Daily digest from Harbour Notes: First light"]
+    assert smtp.subjects("week@example.com") == ["Weekly digest from Harbour Notes: First light"]

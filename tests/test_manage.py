@@ -92,6 +92,24 @@ def test_from_an_email_to_weekly_and_some_categories(site, run, feed, smtp) -> N
     assert reader_row(site.nl, "reader@example.com").frequency == "weekly"
 
 
+def test_the_unsubscribe_button_on_the_manage_page(site, run, feed, smtp) -> None:
+    assert run("posts", "fetch").exit_code == 0
+    link = link_in(notified(site, run, feed, smtp), "manage")
+    button = re.search(r'<form method="post" action="([^"]+/unsubscribe)"', site.get(link).text)
+    assert button is not None
+    assert site.post(button.group(1)).status_code == 400  # no CSRF token: nothing changes
+    assert reader_row(site.nl, "reader@example.com").status == Status.CONFIRMED
+
+    left = site.press(button.group(1), page=link)
+    assert left.status_code == 200 and "You're unsubscribed" in left.text
+    assert reader_row(site.nl, "reader@example.com").status == Status.UNSUBSCRIBED
+    page = site.get(link).text
+    assert "gets no emails from Harbour Notes" in page and "/unsubscribe" not in page
+    publish(feed, "Low tide", "low-tide")
+    assert run("send").exit_code == 0
+    assert smtp.subjects("reader@example.com")[-1] == "Nets mended"
+
+
 def test_download_my_data_and_erase_me(site, run, feed, smtp, tmp_path) -> None:
     assert run("posts", "fetch").exit_code == 0
     link = link_in(notified(site, run, feed, smtp), "manage")
