@@ -219,7 +219,12 @@ class Delivery(LedgerRow, Base):
             sqlite_where=text("status = 'waiting'"),
             postgresql_where=text("status = 'waiting'"),
         ),
-        Index("ix_deliveries_digest", "digest_id"),
+        Index(
+            "ix_deliveries_digest",
+            "digest_id",
+            sqlite_where=text("digest_id IS NOT NULL"),
+            postgresql_where=text("digest_id IS NOT NULL"),
+        ),
     )
 
 
