@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import secrets
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVarTuple, cast
 
 from sqlalchemy import (
-    BindParameter,
     ClauseElement,
     ColumnElement,
     Connection,
@@ -242,20 +240,17 @@ class CompiledClaim:
         *where: ColumnElement[bool],
     ) -> None:
         self.postgresql = _postgresql(engine)
-        ids = table.c.id.in_(skip_locked(due, engine).scalar_subquery())
         values = {key: bindparam(f"set_{key}", type_=table.c[key].type) for key in keys}
-        if self.postgresql:
-            self.claim = DriverStatement(engine, update(table).values(values).where(ids, *where).returning(*columns))
-        else:
-            self.claim = DriverStatement(engine, select(*columns).where(ids, *where).order_by(table.c.id))
-            self.mark = DriverStatement(engine, update(table).values(values).where(ids_in(table.c.id, "ids", engine)))
+        claiming, marking = _claim_statements(engine, table, due, values, columns, *where)
+        self.claim = DriverStatement(engine, claiming)
+        self.mark = DriverStatement(engine, marking) if marking is not None else None
 
     def run(self, cursor: DBAPICursor, values: dict[str, Any], **params: object) -> list[tuple[Any, ...]]:
         fill = {f"set_{key}": value for key, value in values.items()}
         if self.postgresql:
             return sorted(self.claim.execute(cursor, **params, **fill).fetchall())  # RETURNING keeps no order
         rows = list(self.claim.execute(cursor, **params).fetchall())
-        if rows:
+        if rows and self.mark is not None:
             self.mark.execute(cursor, ids=json.dumps([row[0] for row in rows]), **fill)
         return rows
 
@@ -301,22 +296,30 @@ def claim(
     RETURNING sees only the updated table, and its writers take turns, so there it is a SELECT and then
     an UPDATE of what it found.
     """
-    ids = table.c.id.in_(skip_locked(due, conn).scalar_subquery())
-    if _postgresql(conn):
-        return sorted(conn.execute(update(table).values(**values).where(ids, *where).returning(*columns)))
-    rows = list(conn.execute(select(*columns).where(ids, *where).order_by(table.c.id)))
+    claiming, marking = _claim_statements(conn, table, due, values, columns, *where)
+    if marking is None:
+        return sorted(conn.execute(claiming))
+    rows = list(conn.execute(claiming))
     if rows:
-        fill = {f"set_{key}": value for key, value in values.items()}
-        conn.execute(_update_by_ids(table, tuple(values)), {"ids": [row[0] for row in rows], **fill})
+        conn.execute(marking, {"ids": ids_value([row[0] for row in rows], conn)})
     return rows
 
 
-@functools.cache
-def _update_by_ids(table: Table, keys: tuple[str, ...]) -> Update:
-    """UPDATE TABLE SET each of KEYS (parameters set_KEY) WHERE id IN (parameter ids), built once: building it
-    anew per batch, with a literal per id, costs more than running it."""
-    ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
-    return update(table).where(table.c.id.in_(ids)).values({key: bindparam(f"set_{key}") for key in keys})
+def _claim_statements(
+    bind: Connection | Engine,
+    table: Table,
+    due: Select[int],
+    values: Mapping[str, Any],
+    columns: Sequence[ColumnElement[Any]],
+    *where: ColumnElement[bool],
+) -> tuple[Select[Any] | Update, Update | None]:
+    """What claim() runs: on PostgreSQL one UPDATE ... RETURNING (no second statement); on SQLite the SELECT,
+    then the UPDATE of the ids it found (parameter ids, see ids_value)."""
+    ids = table.c.id.in_(skip_locked(due, bind).scalar_subquery())
+    if _postgresql(bind):
+        return update(table).values(values).where(ids, *where).returning(*columns), None
+    found = select(*columns).where(ids, *where).order_by(table.c.id)
+    return found, update(table).values(values).where(ids_in(table.c.id, "ids", bind))
 
 
 def advisory_xact_lock(conn: Connection, key: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -60,10 +60,6 @@ def lock(conn: Connection) -> None:
     db.advisory_xact_lock(conn, "digests")
 
 
-def contents_of(frequency: str, post_ids: Iterable[int]) -> str:
-    return f"{frequency}:{','.join(map(str, sorted(post_ids)))}"
-
-
 def _parse(contents: str) -> tuple[str, list[int]]:
     frequency, _, ids = contents.partition(":")
     return frequency, [int(i) for i in ids.split(",")]
@@ -88,7 +84,7 @@ def assemble(nl: Newsletter, now: datetime) -> int:
         )
         starts = [(waiting.c.frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
         period = case(*starts, else_=literal(now, UTCDateTime()))
-        contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # as contents_of makes
+        contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # "daily:3,5,8"
         conn.execute(
             insert(DIGESTS).from_select(
                 ["subscriber_id", "period", "contents", "status"],
