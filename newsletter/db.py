@@ -322,11 +322,18 @@ def _claim_statements(
     return found, update(table).values(values).where(ids_in(table.c.id, "ids", bind))
 
 
-def advisory_xact_lock(conn: Connection, key: str) -> None:
-    """Hold KEY until the transaction ends, so transactions about the same thing take turns (PostgreSQL;
-    SQLite's transactions all take turns already)."""
-    if _postgresql(conn):
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+def advisory_xact_lock(conn: Connection, *keys: str) -> None:
+    """Hold each of KEYS until the transaction ends, so transactions about the same thing take turns
+    (PostgreSQL; SQLite's transactions all take turns already). The locks are taken in one order, so two
+    transactions that each want several never wait for each other in a circle."""
+    if _postgresql(conn) and keys:
+        conn.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(h) FROM"
+                " (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS held"
+            ),
+            {"keys": list(keys)},
+        )
 
 
 def refresh_statistics(engine: Engine, table: str) -> None:

@@ -118,11 +118,12 @@ class RecipientLinks:
 
     unsubscribe: str
     manage: str
+    confirm: str
 
     @classmethod
     def new(cls) -> RecipientLinks:
         marker = f"@@{secrets.token_hex(16)}"
-        return cls(f"{marker}-unsubscribe@@", f"{marker}-manage@@")
+        return cls(f"{marker}-unsubscribe@@", f"{marker}-manage@@", f"{marker}-confirm@@")
 
 
 # A body as it is stored in a template: encoded lines, each run of them joined (bytes), and each line with
@@ -138,7 +139,7 @@ def _qp_lines(text: str, links: RecipientLinks | None) -> Body:
     lines = text.replace("\r\n", "\n").split("\n")
     if len(lines) > 1 and lines[-1] == "":
         lines.pop()
-    names = {links.unsubscribe: "unsubscribe", links.manage: "manage"} if links else {}
+    names = {links.unsubscribe: "unsubscribe", links.manage: "manage", links.confirm: "confirm"} if links else {}
     marker = re.compile("|".join(map(re.escape, names))) if names else None
     body: Body = []
     for line in lines:
@@ -220,11 +221,12 @@ class MessageTemplate:
         unsubscribe_url: str | None = None,
         manage_url: str | None = None,
         unsubscribe_mailto: str | None = None,
+        confirm_url: str | None = None,
     ) -> bytes:
         """The message to RECIPIENT; a list email's List-Unsubscribe offers UNSUBSCRIBE_URL first, then, when
         given, UNSUBSCRIBE_MAILTO (for mail apps that unsubscribe by email)."""
         head = [self.head, _header("To", recipient), _header("Message-ID", message_id)]
-        links = {"unsubscribe": _link(unsubscribe_url), "manage": _link(manage_url)}
+        links = {"unsubscribe": _link(unsubscribe_url), "manage": _link(manage_url), "confirm": _link(confirm_url)}
         if unsubscribe_url is not None:
             mailto = f", <{unsubscribe_mailto}>" if unsubscribe_mailto else ""
             head += [
@@ -345,9 +347,16 @@ def _list_template(config: Config, render: Render, name: str, subject: str, **co
     )
 
 
+def single_template(config: Config, render: Render, name: str, subject: str, **context: object) -> MessageTemplate:
+    """A one-off email (confirmation, welcome) from templates/email/NAME.{txt,html}; a confirmation link not
+    given in CONTEXT is left to fill in (MessageTemplate.render's confirm_url)."""
+    links = RecipientLinks.new()
+    context = {"confirm_url": links.confirm, **context}
+    html = inline_css(render(f"email/{name}.html", **context))
+    return message_template(config, subject, render(f"email/{name}.txt", **context), html, links=links)
+
+
 def single_message(config: Config, render: Render, name: str, subject: str, recipient: str, **context: object) -> bytes:
     """A one-off email (confirmation, welcome) from templates/email/NAME.{txt,html}."""
-    template = message_template(
-        config, subject, render(f"email/{name}.txt", **context), inline_css(render(f"email/{name}.html", **context))
-    )
+    template = single_template(config, render, name, subject, **context)
     return template.render(recipient, template.new_message_id())

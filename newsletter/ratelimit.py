@@ -10,6 +10,7 @@ the counts without another server.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Collection, Sequence
 
 from limits import parse_many
 from sqlalchemy import ColumnElement, Connection, Float, String, and_, bindparam, case, func, select
@@ -104,6 +105,41 @@ class SignupCeiling:
         if (conn.scalar(select(func.count()).select_from(from_network.subquery())) or 0) > self.per_network:
             return True
         return self._counted(conn, in_hour) > self.total
+
+    def holds_each(self, conn: Connection, signups: Sequence[tuple[str, float]]) -> list[bool]:
+        """holds() for each (network, received at) of SIGNUPS, in a few queries for them all.
+
+        A sign-up's hour contains the hour that ends at the first of them and starts an hour before the last,
+        and lies within the hour before the first up to the last: when counting the first window already
+        holds an email, or the second cannot, that is the answer; only sign-ups in between are counted alone.
+        """
+        if not signups:
+            return []
+        first, last = min(at for _, at in signups), max(at for _, at in signups)
+        networks = {network for network, _ in signups}
+        surely = self._over(conn, networks, last - CEILING_WINDOW, first)
+        held = [surely(network) for network, _ in signups]
+        if all(held):
+            return held
+        maybe = self._over(conn, networks, first - CEILING_WINDOW, last)
+        return [
+            hold or (maybe(network) and self.holds(conn, network, at))
+            for hold, (network, at) in zip(held, signups, strict=True)
+        ]
+
+    def _over(self, conn: Connection, networks: Collection[str], start: float, end: float) -> Callable[[str], bool]:
+        """Whether a sign-up from a network of NETWORKS would be held, counting the sign-ups received after
+        START up to END."""
+        in_window = and_(SIGNUPS.c.received_at > start, SIGNUPS.c.received_at <= end + 1e-6)
+        counts: dict[str, int] = dict(
+            conn.execute(
+                select(SIGNUPS.c.network, func.count())
+                .where(in_window, SIGNUPS.c.network.in_(networks))
+                .group_by(SIGNUPS.c.network)
+            ).all()
+        )
+        flooded = self._counted(conn, in_window) > self.total
+        return lambda network: flooded or counts.get(network, 0) > self.per_network
 
     def flooded(self, conn: Connection, now: float) -> bool:
         """Whether some network, or the whole form, is over its ceiling in the hour up to NOW."""

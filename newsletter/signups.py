@@ -14,10 +14,12 @@ from . import db
 from .models import SIGNUPS
 from .ratelimit import CEILING_WINDOW, SignupLimit, client_of, network_of
 from .runtime import Newsletter
-from .subscriptions import InvalidAddress, Requester, subscribe
+from .subscriptions import Enrolment, InvalidAddress, Requester, ceiling, normalize, throttle_key
 from .text import clean_field
 
 log = logging.getLogger(__name__)
+
+SIGNUP_BATCH = 500
 
 
 class SignupLog:
@@ -63,33 +65,38 @@ class SignupLog:
 
 
 def process_signups(nl: Newsletter) -> int:
-    """Record every new sign-up, oldest first, one transaction each; returns how many.
+    """Record every new sign-up, oldest first, SIGNUP_BATCH to a transaction (subscriptions.Enrolment);
+    returns how many.
 
     Several workers may run at once: on PostgreSQL each skips the sign-ups another has locked, and on
     SQLite transactions take turns.
     """
     claim = db.skip_locked(
-        select(SIGNUPS).where(SIGNUPS.c.processed_at.is_(None)).order_by(SIGNUPS.c.id).limit(1), nl.engine
+        select(SIGNUPS).where(SIGNUPS.c.processed_at.is_(None)).order_by(SIGNUPS.c.id).limit(SIGNUP_BATCH), nl.engine
     )
+    processed = update(SIGNUPS).where(SIGNUPS.c.id == bindparam("signup")).values(processed_at=bindparam("at"))
     done = 0
     while True:
-        with nl.sessions.begin() as session:
-            signup = session.execute(claim).first()
-            if signup is None:
+        with nl.engine.begin() as conn:
+            batch = conn.execute(claim).all()
+            if not batch:
                 return done
-            try:
-                subscribe(
-                    session,
-                    nl,
-                    signup.email,
-                    Requester(signup.ip or None, signup.user_agent),
-                    at=datetime.fromtimestamp(signup.received_at, UTC),
-                    network=signup.network,
-                )
-            except InvalidAddress as exc:
-                log.warning("sign-up %d dropped: %s", signup.id, exc)
-            session.execute(update(SIGNUPS).where(SIGNUPS.c.id == signup.id).values(processed_at=time.time()))
-        done += 1
+            valid = []
+            for signup in batch:
+                try:
+                    valid.append((signup, normalize(signup.email)))
+                except InvalidAddress as exc:
+                    log.warning("sign-up %d dropped: %s", signup.id, exc)
+            enrolment = Enrolment(conn, nl, [throttle_key(validated) for _, validated in valid])
+            origins = [(signup.network or network_of(signup.ip or ""), signup.received_at) for signup, _ in valid]
+            held = ceiling(nl).holds_each(conn, origins)
+            for (signup, validated), hold in zip(valid, held, strict=True):
+                at = datetime.fromtimestamp(signup.received_at, UTC)
+                enrolment.add(validated, Requester(signup.ip or None, signup.user_agent), at, hold)
+            enrolment.finish()
+            now = time.time()
+            conn.execute(processed, [{"signup": signup.id, "at": now} for signup in batch])
+        done += len(batch)
 
 
 def forget_old(nl: Newsletter) -> None:

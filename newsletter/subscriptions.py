@@ -4,19 +4,23 @@ The owner's side (add, remove, import, export) is in roster.py."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
+from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import db
 from .config import FREQUENCIES
 from .i18n import N_
-from .messages import single_message
+from .messages import MessageTemplate, single_message, single_template
 from .models import CONFIRMATIONS, OUTBOX, SUBSCRIBERS, Status, Subscriber, utcnow
 from .ratelimit import SignupCeiling, network_of
 from .runtime import Newsletter
@@ -96,18 +100,6 @@ def throttle_key(validated: ValidatedEmail) -> str:
     return f"{local}@{domain}"
 
 
-def _may_send_confirmation(conn: Connection, key: str) -> bool:
-    """At most CONFIRMATIONS_PER_DAY per address a day, spaced CONFIRM_RESEND_INTERVAL apart."""
-    db.advisory_xact_lock(conn, key)
-    now = utcnow()
-    recent = conn.scalars(
-        select(CONFIRMATIONS.c.sent_at).where(
-            CONFIRMATIONS.c.throttle_key == key, CONFIRMATIONS.c.sent_at > now - timedelta(days=1)
-        )
-    ).all()
-    return len(recent) < CONFIRMATIONS_PER_DAY and all(now - sent >= CONFIRM_RESEND_INTERVAL for sent in recent)
-
-
 def forget_unconfirmed(nl: Newsletter) -> int:
     """Delete what is left of sign-ups never confirmed within [web] unconfirmed_days: unconfirmed readers
     with their personal data and emails (by ON DELETE CASCADE), the pending sign-ups of readers who left,
@@ -151,66 +143,107 @@ def subscribe(
     network: str | None = None,
 ) -> None:
     """Record a sign-up made AT (default now) from NETWORK (default: the requester's) and queue a
-    confirmation email, within the per-address limits.
-
-    An address already on the list keeps its status and consent record: the sign-up waits in pending_*
-    until its confirmation is clicked, so nobody can re-subscribe a reader who left. During a flood
-    (ratelimit.SignupCeiling) the email is stored but held until the rate falls again, so a bot submitting
-    many strangers' addresses cannot flood them.
-    Core statements on the session's connection: the worker runs this for every sign-up, once it is in
-    the sign-up log.
-    """
+    confirmation email, within the per-address limits (see Enrolment)."""
     validated = normalize(raw)
-    conn = session.connection()
-    now = utcnow()
-    seen = {
-        "status": Status.UNCONFIRMED,
-        "subscribed_at": at or now,
-        "subscribed_ip": clean_field(requester.ip, 64),
-        "subscribed_user_agent": clean_field(requester.user_agent, 512),
-    }
-    key = email_key(validated)
-    subscriber_id = conn.scalar(
-        db.insert_for(conn)(SUBSCRIBERS)
-        .values(
-            email=validated.normalized,
-            email_key=key,
-            email_ascii=validated.ascii_email or validated.normalized,
-            created_at=now,
-            frequency=nl.config.digest.default_frequency,
-            **seen,
-        )
-        .on_conflict_do_nothing(index_elements=[SUBSCRIBERS.c.email_key])
-        .returning(SUBSCRIBERS.c.id)
-    )
-    if subscriber_id is None:
-        subscriber_id, status = conn.execute(
-            select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.status).where(SUBSCRIBERS.c.email_key == key)
-        ).one()
-        if status in (Status.CONFIRMED, Status.BOUNCED):
-            return
-        pending = {"pending_at": seen["subscribed_at"], "pending_ip": seen["subscribed_ip"]}
-        pending["pending_user_agent"] = seen["subscribed_user_agent"]
-        conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(**pending))
-    throttle = throttle_key(validated)
-    if not _may_send_confirmation(conn, throttle):
-        return
-    nonce = secrets.token_urlsafe(12)
-    conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(confirm_nonce=nonce))
-    conn.execute(insert(CONFIRMATIONS).values(throttle_key=throttle, subscriber_id=subscriber_id, sent_at=now))
+    enrolment = Enrolment(session.connection(), nl, [throttle_key(validated)])
+    when = at or utcnow()
     if network is None:
         network = network_of(requester.ip or "")
-    queue_email(
-        conn,
-        nl,
-        subscriber_id,
-        validated.ascii_email or validated.normalized,
-        "confirmation",
-        nl.language.gettext("Confirm your subscription to %(name)s", name=nl.config.site.name),
-        held=ceiling(nl).holds(conn, network, (at or now).timestamp()),
-        confirm_url=nl.confirm_url(subscriber_id, nonce),
-        max_age_hours=nl.config.security.confirm_max_age_hours,
-    )
+    enrolment.add(validated, requester, when, ceiling(nl).holds(enrolment.conn, network, when.timestamp()))
+    enrolment.finish()
+
+
+class Enrolment:
+    """Sign-ups recorded one after another in one transaction, each as subscriptions.subscribe describes it.
+
+    An address already on the list keeps its status and consent record: the sign-up waits in pending_*
+    until its confirmation is clicked, so nobody can re-subscribe a reader who left. A confirmation email
+    goes out at most CONFIRMATIONS_PER_DAY times a day to one mailbox (throttle_key), CONFIRM_RESEND_INTERVAL
+    apart; during a flood (ratelimit.SignupCeiling) it is stored but held until the rate falls again, so a
+    bot submitting many strangers' addresses cannot flood them.
+
+    The mailboxes the sign-ups reach are given up front: their past confirmations are read once, and on
+    PostgreSQL they are locked until the transaction ends, so concurrent workers take turns per mailbox.
+    The confirmation email is rendered once; finish() writes what the sign-ups queued.
+    """
+
+    def __init__(self, conn: Connection, nl: Newsletter, mailboxes: Collection[str]) -> None:
+        self.conn, self.nl = conn, nl
+        db.advisory_xact_lock(conn, *mailboxes)
+        self.now = utcnow()
+        self.sent: dict[str, list[datetime]] = defaultdict(list)
+        recent = select(CONFIRMATIONS.c.throttle_key, CONFIRMATIONS.c.sent_at).where(
+            CONFIRMATIONS.c.throttle_key.in_(set(mailboxes)), CONFIRMATIONS.c.sent_at > self.now - timedelta(days=1)
+        )
+        for key, sent_at in conn.execute(recent):
+            self.sent[key].append(sent_at)
+        columns = ("email", "email_key", "email_ascii", "status", "subscribed_at", "subscribed_ip")
+        new_reader: dict[str, Any] = {name: bindparam(name) for name in (*columns, "subscribed_user_agent")}
+        self._insert = db.DriverStatement(
+            conn.engine,
+            db.insert_for(conn)(SUBSCRIBERS)
+            .values(created_at=self.now, frequency=nl.config.digest.default_frequency, bounce_score=0.0, **new_reader)
+            .on_conflict_do_nothing(index_elements=[SUBSCRIBERS.c.email_key])
+            .returning(SUBSCRIBERS.c.id),
+        )
+        self.nonces: list[dict[str, object]] = []
+        self.confirmations: list[dict[str, object]] = []
+        self.emails: list[dict[str, object]] = []
+
+    @functools.cached_property
+    def template(self) -> MessageTemplate:
+        nl = self.nl
+        subject = nl.language.gettext("Confirm your subscription to %(name)s", name=nl.config.site.name)
+        return single_template(
+            nl.config, nl.render, "confirmation", subject, max_age_hours=nl.config.security.confirm_max_age_hours
+        )
+
+    def add(self, validated: ValidatedEmail, requester: Requester, at: datetime, held: bool) -> None:
+        """The sign-up of VALIDATED (one of the mailboxes given) made AT; HELD: its email waits out a flood."""
+        conn, now = self.conn, self.now
+        seen = {
+            "status": Status.UNCONFIRMED,
+            "subscribed_at": at,
+            "subscribed_ip": clean_field(requester.ip, 64),
+            "subscribed_user_agent": clean_field(requester.user_agent, 512),
+        }
+        key = email_key(validated)
+        recipient = validated.ascii_email or validated.normalized
+        values = {"email": validated.normalized, "email_key": key, "email_ascii": recipient, **seen}
+        row = self._insert.execute(self.conn.connection.cursor(), **values).fetchone()
+        subscriber_id = row[0] if row else None
+        if subscriber_id is None:
+            subscriber_id, status = conn.execute(
+                select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.status).where(SUBSCRIBERS.c.email_key == key)
+            ).one()
+            if status in (Status.CONFIRMED, Status.BOUNCED):
+                return
+            pending = {"pending_at": at, "pending_ip": seen["subscribed_ip"]}
+            pending["pending_user_agent"] = seen["subscribed_user_agent"]
+            conn.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id).values(**pending))
+        mailbox = throttle_key(validated)
+        sent = self.sent[mailbox]
+        if len(sent) >= CONFIRMATIONS_PER_DAY or any(now - earlier < CONFIRM_RESEND_INTERVAL for earlier in sent):
+            return
+        sent.append(now)
+        nonce = secrets.token_urlsafe(12)
+        self.nonces.append({"reader": subscriber_id, "nonce": nonce})
+        self.confirmations.append({"throttle_key": mailbox, "subscriber_id": subscriber_id, "sent_at": now})
+        template = self.template
+        message = template.render(
+            recipient, template.new_message_id(), confirm_url=self.nl.confirm_url(subscriber_id, nonce)
+        )
+        self.emails.append(_outbox_row(self.nl, subscriber_id, recipient, "confirmation", message, held, now))
+
+    def finish(self) -> None:
+        """Write the nonces, confirmations and emails of the sign-ups added."""
+        conn = self.conn
+        if self.nonces:
+            by_id = SUBSCRIBERS.c.id == bindparam("reader")
+            conn.execute(update(SUBSCRIBERS).where(by_id).values(confirm_nonce=bindparam("nonce")), self.nonces)
+            conn.execute(insert(CONFIRMATIONS), self.confirmations)
+            conn.execute(insert(OUTBOX), self.emails)
+        self.nonces, self.confirmations, self.emails = [], [], []
 
 
 def confirmable(subscriber: Subscriber, nonce: str) -> bool:
@@ -277,21 +310,23 @@ def queue_email(
     recipient: str,
     kind: str,
     subject: str,
-    held: bool = False,
     **context: object,
 ) -> None:
     message = single_message(nl.config, nl.render, kind, subject, recipient, **context)
-    now = utcnow()
-    conn.execute(
-        insert(OUTBOX).values(
-            subscriber_id=subscriber_id,
-            kind=kind,
-            sender=nl.config.from_address.addr_spec,
-            recipient=recipient,
-            message=message,
-            held=held,
-            created_at=now,
-            next_attempt_at=now,
-            attempts=0,
-        )
-    )
+    conn.execute(insert(OUTBOX).values(_outbox_row(nl, subscriber_id, recipient, kind, message, False, utcnow())))
+
+
+def _outbox_row(
+    nl: Newsletter, subscriber_id: int, recipient: str, kind: str, message: bytes, held: bool, now: datetime
+) -> dict[str, object]:
+    return {
+        "subscriber_id": subscriber_id,
+        "kind": kind,
+        "sender": nl.config.from_address.addr_spec,
+        "recipient": recipient,
+        "message": message,
+        "held": held,
+        "created_at": now,
+        "next_attempt_at": now,
+        "attempts": 0,
+    }

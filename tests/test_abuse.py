@@ -13,7 +13,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from newsletter import signups
 from newsletter.models import Confirmation, OutboxMessage, Signup, Status, Subscriber
+from newsletter.ratelimit import SignupLimit
+from newsletter.subscriptions import Requester
 
 from .test_reader_flow import confirm_link
 
@@ -342,9 +345,12 @@ def test_a_forwarded_for_that_is_not_an_ip_is_refused_and_never_stored(site, smt
     "extra_config",
     ['[web]\ntrusted_proxies = 1\nrate_limit = "1000 per hour"\nsignup_ceiling = 30\nnetwork_ceiling = 5\n'],
 )
-def test_a_flood_from_a_few_networks_holds_only_their_own_confirmations(site, smtp, run) -> None:
+@pytest.mark.parametrize("batch", [500, 4])
+def test_a_flood_from_a_few_networks_holds_only_their_own_confirmations(site, smtp, run, monkeypatch, batch) -> None:
     """Four /24s submit 15 strangers' addresses each, from many IPs: past 5 a network, their emails are
-    held. A reader from another network then signs up and gets their confirmation at once."""
+    held. A reader from another network then signs up and gets their confirmation at once. The same
+    whether the worker takes the sign-ups in one batch or in batches that end anywhere in the flood."""
+    monkeypatch.setattr(signups, "SIGNUP_BATCH", batch)
     for net in range(4):
         for i in range(15):
             forwarded = {"X-Forwarded-For": f"198.51.{net}.{i + 1}"}
@@ -355,3 +361,38 @@ def test_a_flood_from_a_few_networks_holds_only_their_own_confirmations(site, sm
     assert len(smtp.messages) == 4 * 5 + 1
     assert count(site.nl, OutboxMessage, OutboxMessage.held.is_(True)) == 4 * 10
     assert "HELD" in run("stats").output
+
+
+@pytest.mark.parametrize("extra_config", ["[web]\nsignup_ceiling = 1000\nnetwork_ceiling = 1000\n"])
+def test_workers_side_by_side_make_one_subscriber_and_one_confirmation_per_mailbox(site, smtp, monkeypatch) -> None:
+    """Three workers drain one log at once, in small batches: the sign-ups spell 40 mailboxes in changing
+    orders and cases, so every batch shares mailboxes with the others'. No sign-up is lost or recorded
+    twice, and each mailbox gets one subscriber per address and one confirmation email."""
+    monkeypatch.setattr(signups, "SIGNUP_BATCH", 25)
+    log = signups.SignupLog(site.nl.engine, SignupLimit("100000 per hour"))
+    for round_ in range(10):
+        for i in range(40):
+            n = (i * 7 + round_ * 13) % 40
+            address = f"Reader{n}+r{round_ % 2}@example.com" if round_ % 3 else f"reader{n}@example.com"
+            assert log.add(address, Requester(ip=f"10.{round_}.{i}.1")) is None
+    recorded: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            recorded.append(signups.process_signups(site.nl))
+        except BaseException as exc:  # a deadlock or a unique violation would end up here
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == [] and sum(recorded) == 400
+    assert count(site.nl, Signup, Signup.processed_at.is_(None)) == 0
+    assert count(site.nl, Subscriber) == 40 * 3  # reader{n}, reader{n}+r0 and reader{n}+r1 are three addresses
+    site.deliver_outbox()
+    assert sorted(m.recipients[0].lower().split("+")[0].split("@")[0] for m in smtp.messages) == sorted(
+        f"reader{n}" for n in range(40)
+    )
