@@ -15,13 +15,13 @@ from __future__ import annotations
 import base64
 import enum
 import functools
-import io
 import ipaddress
 import logging
 import re
 import select
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,8 +150,8 @@ class _Job:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
+    if isinstance(exc, TimeoutError | BlockingIOError):
+        return "timed out"  # BlockingIOError: the kernel's SO_RCVTIMEO or SO_SNDTIMEO ran out (_attach)
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, OSError) and exc.strerror:
@@ -222,8 +222,8 @@ class SMTPConnection:
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.helo_name = helo_name
-        self._sock: socket.socket | None = None  # both set while connected
-        self._rfile: io.BufferedReader | None = None
+        self._sock: socket.socket | None = None  # set while connected
+        self._inbox = b""  # what the server sent that is not read yet
         self._extensions: dict[str, str] = {}
         self._need_rset = False
 
@@ -276,12 +276,22 @@ class SMTPConnection:
         log.debug("connected to %s (pipelining=%s)", where, self.pipelining)
 
     def _attach(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._rfile = sock.makefile("rb")
+        """Use SOCK from now on. A plain socket blocks, and the kernel times out each read and write: with a
+        timeout of Python's own, every read and every write would first wait in poll(), one more system
+        call and hand-over of the GIL. OpenSSL retries a read the kernel timed out, so TLS keeps Python's."""
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(self.timeout)
+        else:
+            timeval = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.settimeout(None)
+        self._sock, self._inbox = sock, b""
 
     def _wrap(self, sock: socket.socket) -> ssl.SSLSocket:
         context = self.ssl_context or ssl.create_default_context()
         where = f"{self.host}:{self.port}"
+        sock.settimeout(self.timeout)
         try:
             return context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
@@ -311,9 +321,8 @@ class SMTPConnection:
             code, text = self._command(b"STARTTLS\r\n")
             if code != 220:
                 raise MailerError(f"SMTP server {where} refused STARTTLS: {text}")
-            assert self._sock is not None and self._rfile is not None
-            self._rfile.close()
-            plain, self._sock, self._rfile = self._sock, None, None
+            assert self._sock is not None
+            plain, self._sock = self._sock, None  # and whatever came after the 220 in plaintext is dropped
             self._attach(self._wrap(plain))
             self._greet(where)
         if self.username:
@@ -390,11 +399,19 @@ class SMTPConnection:
             raise _Lost(f"write failed: {_describe(exc)}", sent=sent) from None
 
     def _readline(self) -> bytes:
-        assert self._rfile is not None
-        try:
-            line = self._rfile.readline(_MAX_LINE)
-        except (OSError, ValueError) as exc:
-            raise _Lost(f"read failed: {_describe(exc)}") from None
+        sock, inbox = self._sock, self._inbox
+        assert sock is not None
+        end = inbox.find(b"\n")
+        while end < 0 and len(inbox) < _MAX_LINE:
+            try:
+                chunk = sock.recv(_MAX_LINE)
+            except OSError as exc:
+                raise _Lost(f"read failed: {_describe(exc)}") from None
+            if not chunk:
+                break
+            start, inbox = len(inbox), inbox + chunk
+            end = inbox.find(b"\n", start)
+        line, self._inbox = (inbox[: end + 1], inbox[end + 1 :]) if end >= 0 else (inbox, b"")
         if line[-1:] != b"\n" or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
             if not line:
                 raise _Lost("connection closed by server")
@@ -449,14 +466,12 @@ class SMTPConnection:
             return True
 
     def _abort(self) -> None:
-        rfile, sock = self._rfile, self._sock
-        self._rfile = self._sock = None
-        for item in (rfile, sock):
-            if item is not None:
-                try:
-                    item.close()
-                except OSError:
-                    pass
+        sock, self._sock, self._inbox = self._sock, None, b""
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Send QUIT if the session is up, then close the socket; never raises."""
@@ -465,8 +480,7 @@ class SMTPConnection:
         try:
             self._sock.settimeout(min(self.timeout, 5.0))
             self._write(b"QUIT\r\n")
-            assert self._rfile is not None
-            self._rfile.readline(_MAX_LINE)
+            self._readline()
         except Exception:
             pass
         finally:

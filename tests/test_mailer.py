@@ -447,6 +447,20 @@ def test_implicit_tls(serve, certificates):
         SMTPConnection("127.0.0.1", serve(Handler()), security="tls", timeout=5).open()
 
 
+def test_a_final_reply_later_than_timeout_over_tls_is_unknown_and_says_timed_out(serve, certificates):
+    """The kernel times out reads on an encrypted connection as on a plain one."""
+    handler = Handler(slow={"slow@example.org": 2.0})
+    port = serve(handler, ssl_context=server_context(certificates))
+    context = client_context(certificates)
+    conn = SMTPConnection("127.0.0.1", port, security="tls", timeout=0.5, ssl_context=context)
+    started = time.monotonic()
+    results = conn.send(envelopes(["a@example.org", "slow@example.org", "b@example.org"]))
+    assert time.monotonic() - started < 1.5
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.UNKNOWN, Outcome.DEFERRED]
+    assert "timed out" in results[1].reply
+    conn.close()
+
+
 class ScriptedServer:
     """A raw-socket SMTP server, one connection at a time, whose replies come from a script.
 
