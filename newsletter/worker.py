@@ -70,10 +70,25 @@ def _work_until(nl: Newsletter, stop: threading.Event, interval: float) -> None:
         except MailerError as exc:
             log.warning("outbox: SMTP server unavailable (%s); retrying in %.0f s", exc, wait)
             wait = min(wait * 2, 60.0)
-        except Exception:
+        except Exception as exc:
+            if _from_stop_signal(exc):
+                raise KeyboardInterrupt from None
             log.exception("worker: failed; retrying in %.0f s", wait)
             wait = min(wait * 2, 60.0)
         stop.wait(wait)
+
+
+def _from_stop_signal(exc: BaseException) -> bool:
+    """Whether EXC is a library's error about a stop signal it was interrupted by: psycopg, stopped in the
+    middle of a statement by the KeyboardInterrupt, can raise its own error while SQLAlchemy cleans up."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _stop_on_sigterm() -> None:

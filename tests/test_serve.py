@@ -246,3 +246,34 @@ def test_a_sign_up_survives_the_database_dropping_its_connection(site, nl) -> No
         )
     assert site.subscribe("after@example.com").status_code == 200
     assert count_log(nl) == 2
+
+
+def test_a_stop_signal_a_database_driver_turned_into_its_own_error_still_stops_the_worker(
+    nl, monkeypatch, caplog
+) -> None:
+    """SIGTERM in the middle of a statement can come out of psycopg as another error (raised while the
+    pool cleans up after the KeyboardInterrupt): the worker stops quietly, as on the signal itself. Any
+    other error is logged and the worker goes on."""
+    from newsletter import worker
+
+    calls = []
+
+    def interrupted_statement(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a driver's own error, not about a stop")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("can't change 'autocommit' now: connection in transaction status ACTIVE") from None
+
+    monkeypatch.setattr(worker, "work_once", interrupted_statement)
+    stop = threading.Event()
+    finished = threading.Event()
+    thread = threading.Thread(target=lambda: (worker.run_worker(nl, stop, 0.01), finished.set()))
+    thread.start()
+    thread.join(timeout=10)
+    stop.set()
+    assert finished.is_set() and len(calls) == 2
+    failures = [r for r in caplog.records if "worker: failed" in r.getMessage()]
+    assert len(failures) == 1 and "not about a stop" in str(failures[0].exc_info[1])
