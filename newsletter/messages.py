@@ -199,8 +199,10 @@ def _fill(body: Body, links: dict[str, bytes]) -> bytes:
 
 def _link(url: str | None) -> bytes:
     """URL as it goes in a quoted-printable line ("" when there is none)."""
-    raw = (url or "").encode("utf-8")
-    return raw if _QP_SAFE.fullmatch(raw) else _escaped(url or "")
+    if not url:
+        return b""
+    raw = url.encode("utf-8")
+    return raw if _QP_SAFE.fullmatch(raw) else _escaped(url)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from . import db
 from .models import SIGNUPS
 from .ratelimit import CEILING_WINDOW, SignupLimit, client_of, network_of
 from .runtime import Newsletter
-from .subscriptions import Enrolment, InvalidAddress, Requester, ceiling, normalize, throttle_key
+from .subscriptions import Enrolment, InvalidAddress, Requester, ceiling, normalize
 from .text import clean_field
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def process_signups(nl: Newsletter) -> int:
                     valid.append((signup, normalize(signup.email)))
                 except InvalidAddress as exc:
                     log.warning("sign-up %d dropped: %s", signup.id, exc)
-            enrolment = Enrolment(conn, nl, [throttle_key(validated) for _, validated in valid])
+            enrolment = Enrolment(conn, nl, [validated for _, validated in valid])
             origins = [(signup.network or network_of(signup.ip or ""), signup.received_at) for signup, _ in valid]
             held = ceiling(nl).holds_each(conn, origins)
             for (signup, validated), hold in zip(valid, held, strict=True):

@@ -145,7 +145,7 @@ def subscribe(
     """Record a sign-up made AT (default now) from NETWORK (default: the requester's) and queue a
     confirmation email, within the per-address limits (see Enrolment)."""
     validated = normalize(raw)
-    enrolment = Enrolment(session.connection(), nl, [throttle_key(validated)])
+    enrolment = Enrolment(session.connection(), nl, [validated])
     when = at or utcnow()
     if network is None:
         network = network_of(requester.ip or "")
@@ -162,18 +162,20 @@ class Enrolment:
     apart; during a flood (ratelimit.SignupCeiling) it is stored but held until the rate falls again, so a
     bot submitting many strangers' addresses cannot flood them.
 
-    The mailboxes the sign-ups reach are given up front: their past confirmations are read once, and on
-    PostgreSQL they are locked until the transaction ends, so concurrent workers take turns per mailbox.
+    The addresses signing up are given up front: the confirmations of the mailboxes they reach are read
+    once, and on PostgreSQL those mailboxes are locked until the transaction ends, so concurrent workers
+    take turns per mailbox.
     The confirmation email is rendered once; finish() writes what the sign-ups queued.
     """
 
-    def __init__(self, conn: Connection, nl: Newsletter, mailboxes: Collection[str]) -> None:
+    def __init__(self, conn: Connection, nl: Newsletter, addresses: Collection[ValidatedEmail]) -> None:
         self.conn, self.nl = conn, nl
+        mailboxes = {throttle_key(validated) for validated in addresses}
         db.advisory_xact_lock(conn, *mailboxes)
         self.now = utcnow()
         self.sent: dict[str, list[datetime]] = defaultdict(list)
         recent = select(CONFIRMATIONS.c.throttle_key, CONFIRMATIONS.c.sent_at).where(
-            CONFIRMATIONS.c.throttle_key.in_(set(mailboxes)), CONFIRMATIONS.c.sent_at > self.now - timedelta(days=1)
+            CONFIRMATIONS.c.throttle_key.in_(mailboxes), CONFIRMATIONS.c.sent_at > self.now - timedelta(days=1)
         )
         for key, sent_at in conn.execute(recent):
             self.sent[key].append(sent_at)
@@ -199,7 +201,7 @@ class Enrolment:
         )
 
     def add(self, validated: ValidatedEmail, requester: Requester, at: datetime, held: bool) -> None:
-        """The sign-up of VALIDATED (one of the mailboxes given) made AT; HELD: its email waits out a flood."""
+        """The sign-up of VALIDATED (one of the addresses given) made AT; HELD: its email waits out a flood."""
         conn, now = self.conn, self.now
         seen = {
             "status": Status.UNCONFIRMED,

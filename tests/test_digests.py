@@ -81,6 +81,13 @@ def choose(nl: Newsletter, address: str, frequency: str) -> None:
         set_frequency(subscriber, frequency)
 
 
+def readers_added(nl: Newsletter, run, readers: list[tuple[str, str]]) -> None:
+    """Each (address, frequency) added as the owner does (`subscribers add --confirmed`), on that frequency."""
+    for address, frequency in readers:
+        assert run("subscribers", "add", address, "--confirmed").exit_code == 0
+        choose(nl, address, frequency)
+
+
 def publish(nl: Newsletter, title: str, when: datetime) -> None:
     with nl.sessions.begin() as session:
         session.add(Post(guid=title, url=f"https://blog.example/{title}/", title=title, published_at=when))
@@ -275,13 +282,8 @@ def digest_due_now() -> str:
 @pytest.mark.parametrize("extra_config", [digest_due_now()])
 def test_three_readers_get_what_they_chose_from_the_real_command(nl, run, smtp, feed, config_file) -> None:
     assert run("posts", "fetch").exit_code == 0
-    for address, frequency in [
-        ("now@example.com", "instant"),
-        ("day@example.com", "daily"),
-        ("week@example.com", "weekly"),
-    ]:
-        assert run("subscribers", "add", address, "--confirmed").exit_code == 0
-        choose(nl, address, frequency)
+    readers = [("now@example.com", "instant"), ("day@example.com", "daily"), ("week@example.com", "weekly")]
+    readers_added(nl, run, readers)
     publish_entry(feed, "First light", "first-light")
     dry = newsletter(config_file, "send", "--dry-run")
     assert "would announce: First light" in dry.stdout
@@ -340,9 +342,7 @@ def test_a_sample_digest_to_one_address_records_nothing(nl, run, smtp, feed, con
 @pytest.mark.parametrize("extra_config", [digest_due_now()])
 def test_a_digest_carries_the_headers_of_a_notification(nl, run, smtp, feed) -> None:
     assert run("posts", "fetch").exit_code == 0
-    for address, frequency in [("now@example.com", "instant"), ("day@example.com", "daily")]:
-        assert run("subscribers", "add", address, "--confirmed").exit_code == 0
-        choose(nl, address, frequency)
+    readers_added(nl, run, [("now@example.com", "instant"), ("day@example.com", "daily")])
     publish_entry(feed, "First light", "first-light")
     assert run("send").exit_code == 0
     [notification] = smtp.to("now@example.com")
@@ -359,9 +359,7 @@ def test_a_digest_carries_the_headers_of_a_notification(nl, run, smtp, feed) -> 
 def test_the_worker_sends_the_digests_that_are_due(nl, run, smtp, feed) -> None:
     """No cron: the worker of `newsletter serve` fetches the feed as it polls and sends the digests due."""
     assert run("posts", "fetch").exit_code == 0
-    for address, frequency in [("day@example.com", "daily"), ("week@example.com", "weekly")]:
-        assert run("subscribers", "add", address, "--confirmed").exit_code == 0
-        choose(nl, address, frequency)
+    readers_added(nl, run, [("day@example.com", "daily"), ("week@example.com", "weekly")])
     publish_entry(feed, "First light", "first-light")
     stop = threading.Event()
     worker = threading.Thread(target=run_worker, args=(nl, stop, 0.1))

@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 
 from newsletter.models import OUTBOX, Signup
 from newsletter.signups import forget_old, process_signups
+from newsletter.worker import run_worker
 
 from .conftest import POSTGRES_URL, SMTPSink, form_data, free_port, wait_for
 
@@ -254,8 +255,6 @@ def test_a_stop_signal_a_database_driver_turned_into_its_own_error_still_stops_t
     """SIGTERM in the middle of a statement can come out of psycopg as another error (raised while the
     pool cleans up after the KeyboardInterrupt): the worker stops quietly, as on the signal itself. Any
     other error is logged and the worker goes on."""
-    from newsletter import worker
-
     calls = []
 
     def interrupted_statement(*args, **kwargs):
@@ -267,10 +266,10 @@ def test_a_stop_signal_a_database_driver_turned_into_its_own_error_still_stops_t
         except KeyboardInterrupt:
             raise RuntimeError("can't change 'autocommit' now: connection in transaction status ACTIVE") from None
 
-    monkeypatch.setattr(worker, "work_once", interrupted_statement)
+    monkeypatch.setattr("newsletter.worker.work_once", interrupted_statement)
     stop = threading.Event()
     finished = threading.Event()
-    thread = threading.Thread(target=lambda: (worker.run_worker(nl, stop, 0.01), finished.set()))
+    thread = threading.Thread(target=lambda: (run_worker(nl, stop, 0.01), finished.set()))
     thread.start()
     thread.join(timeout=10)
     stop.set()
