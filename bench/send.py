@@ -510,8 +510,9 @@ def report(runs: list[Run]) -> None:
         + ")"
     )
     print(
-        "send CPU s: user + system CPU of the send process; base RSS MB: peak RSS of `newsletter send --dry-run` "
-        "on the same database (start-up footprint)"
+        "send CPU s: user + system CPU of the send process and its child processes; peak RSS MB: the largest of "
+        "theirs (children share most of their memory with the parent); base RSS MB: peak RSS of "
+        "`newsletter send --dry-run` on the same database (start-up footprint)"
     )
     notes = sorted({note for r in runs for note in r.notes})
     for note in notes:
@@ -540,13 +541,17 @@ def report(runs: list[Run]) -> None:
             print(f"  {database:<10} peak RSS at N={large:,} / N={small:,}: {rss_large / rss_small:.2f}x")
 
     print("\ntargets:")
+    groups: dict[tuple[str, str, int], list[Run]] = {}
     for r in runs:
-        if r.profiled:
-            continue
-        verdict = "ok" if r.ratio >= 0.9 else "ok (below the 0.9 aim)" if r.ratio >= 0.5 else "MISSED"
+        if not r.profiled:
+            groups.setdefault((r.database, r.kind, r.n), []).append(r)
+    for (database, kind, n), group in groups.items():
+        ratio = statistics.median(r.ratio for r in group)
+        verdict = "ok" if ratio >= 0.9 else "ok (below the 0.9 aim)" if ratio >= 0.8 else "MISSED"
+        each = f" (runs: {', '.join(f'{r.ratio:.2f}' for r in group)})" if len(group) > 1 else ""
         print(
-            f"  {r.database} {r.kind} N={r.n:,}: send rate {r.ratio:.2f}x smtp-source (target >= 0.5, aim 0.9): "
-            f"{verdict}"
+            f"  {database} {kind} N={n:,}: send rate {ratio:.2f}x smtp-source{each}, median (target >= 0.8, "
+            f"aim 0.9): {verdict}"
         )
     for database in dict.fromkeys(r.database for r in runs):
         for n in sorted({r.n for r in runs}):

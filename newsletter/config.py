@@ -93,6 +93,7 @@ class SMTPConfig:
     timeout: int = 30
     connections: int = 4
     batch_size: int = 100
+    processes: int = 0
     max_per_second: int = 0
     max_per_day: int = 0
 

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -36,7 +36,8 @@ from sqlalchemy import (
     update,
 )
 
-from . import categories, db, digests, threads
+from . import categories, couriers, db, digests, threads
+from .couriers import Courier, CourierLost, Letter
 from .mailer import Envelope, MailerError, Outcome, Result
 from .messages import MessageTemplate, digest_template, notification_template
 from .models import (
@@ -247,36 +248,23 @@ def _post_queue(nl: Newsletter, post: Post) -> _Queue:
     def rendered() -> MessageTemplate:  # not at all when every reader of the post is on digests
         return notification_template(nl.config, nl.render, post)
 
-    def envelope(item: _Claimed) -> Envelope:
+    def letter(item: _Claimed) -> tuple[Letter, MessageTemplate]:
         template = rendered()
         message_id = f"<{item.row_id}.{seed}@{template.domain}>"
-        return _list_envelope(nl, "d", item, template, message_id)
+        return Letter("d", item.row_id, item.subscriber_id, item.recipient, message_id, post.id), template
 
-    return _Queue(DELIVERIES, DELIVERIES.c.post_id == post.id, envelope)
+    return _Queue(DELIVERIES, DELIVERIES.c.post_id == post.id, letter)
 
 
 def _digest_queue(nl: Newsletter) -> _Queue:
     renderer = digests.Renderer(nl)
 
-    def envelope(item: _Claimed) -> Envelope:
+    def letter(item: _Claimed) -> tuple[Letter, MessageTemplate]:
         template = renderer.template(item.contents)
-        return _list_envelope(nl, "g", item, template, renderer.message_id(item.row_id, item.contents))
+        message_id = renderer.message_id(item.row_id, item.contents)
+        return Letter("g", item.row_id, item.subscriber_id, item.recipient, message_id, item.contents), template
 
-    return _Queue(DIGESTS, true(), envelope, DIGESTS.c.contents)
-
-
-def _list_envelope(nl: Newsletter, kind: str, item: _Claimed, template: MessageTemplate, message_id: str) -> Envelope:
-    """ITEM's email (a row of ledger KIND: "d" deliveries, "g" digests) with its reader's links and its own
-    envelope sender."""
-    reader = item.subscriber_id
-    message = template.render(
-        item.recipient,
-        message_id,
-        nl.unsubscribe_url(reader),
-        nl.manage_url(reader),
-        nl.mailto_unsubscribe(kind, item.row_id),
-    )
-    return Envelope(nl.return_path(kind, item.row_id), item.recipient, message, wire_ready=True)
+    return _Queue(DIGESTS, true(), letter, DIGESTS.c.contents)
 
 
 def _count(nl: Newsletter, queue: _Queue, *statuses: DeliveryStatus) -> int:
@@ -334,8 +322,8 @@ class _Queue:
 
     table: Table
     scope: ColumnElement[bool]
-    envelope: Callable[[_Claimed], Envelope]
-    contents: ColumnElement[str] | None = None  # a column the envelope needs besides the recipient
+    letter: Callable[[_Claimed], tuple[Letter, MessageTemplate]]
+    contents: ColumnElement[str] | None = None  # a column the letter needs besides the recipient
 
 
 class _Sender:
@@ -391,12 +379,14 @@ class _Sender:
         """
         for delay in (timedelta(0), *RETRY_PASSES_AFTER):
             started: list[threading.Event] = []
+            crew: couriers.Crew | None = None
             try:
                 if self.halt.wait(delay.total_seconds()):
                     raise KeyboardInterrupt("stopped")
                 self.cursor, self.requeued = 0, 0
-                for number in range(self.nl.config.smtp.connections):
-                    started.append(threads.start(self._work, f"smtp-{number}"))
+                crew = couriers.Crew(self.nl, self.nl.config.smtp.connections, self._forks())
+                for number, courier in enumerate(crew.couriers):
+                    started.append(threads.start(functools.partial(self._work, courier), f"smtp-{number}"))
                 threads.wait(started)
                 if self.halt.is_set():
                     raise KeyboardInterrupt("stopped")
@@ -405,38 +395,53 @@ class _Sender:
                 threads.wait(started)
                 self.report.stopped_by = interrupt
                 break
+            finally:
+                if crew is not None:
+                    crew.close()
             if self.quota.left == 0 and _count(self.nl, self.queue, DeliveryStatus.PENDING):
                 self.report.quota_reached = True
             if self.report.error or self.report.quota_reached or not self.requeued:
                 break
         self.report.deferred += _count(self.nl, self.queue, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 
-    def _work(self) -> None:
-        transport = self.nl.transport()
+    def _forks(self) -> int:
+        """Child processes for this pass: none for less than a batch per connection, where forking would
+        cost more than it saves."""
+        smtp = self.nl.config.smtp
+        forks = couriers.processes(self.nl)
+        if forks and _count(self.nl, self.queue, DeliveryStatus.PENDING) < smtp.connections * smtp.batch_size:
+            return 0
+        return forks
+
+    def _work(self, courier: Courier) -> None:
         done: list[tuple[_Claimed, Result]] = []
-        try:
-            with self.nl.engine.connect() as conn:
-                try:
-                    while True:
-                        batch = self._record_and_claim(conn, done)
-                        if not batch:
-                            return
-                        envelopes = [self.queue.envelope(item) for item in batch]
-                        self.pace.wait(len(batch))
-                        try:
-                            done = list(zip(batch, transport.send(envelopes), strict=True))
-                        except MailerError as exc:
-                            done = [(item, Result(Outcome.DEFERRED, None, str(exc))) for item in batch]
-                            with self.lock:
-                                smtp = self.nl.config.smtp
-                                self.report.error = f"SMTP server {smtp.host}:{smtp.port}: {exc}"
-                            self.stop.set()
-                finally:
-                    if done:
-                        with conn.begin():
-                            self._record(conn, done)
-        finally:
-            transport.close()
+        with self.nl.engine.connect() as conn:
+            try:
+                while True:
+                    batch = self._record_and_claim(conn, done)
+                    if not batch:
+                        return
+                    letters: list[Letter] = []
+                    templates: dict[Hashable, MessageTemplate] = {}
+                    for item in batch:
+                        letter, template = self.queue.letter(item)
+                        letters.append(letter)
+                        templates[letter.template] = template
+                    self.pace.wait(len(batch))
+                    try:
+                        done = list(zip(batch, courier.send(letters, templates), strict=True))
+                    except (MailerError, CourierLost) as exc:
+                        lost = isinstance(exc, CourierLost)  # the batch may be out: count it as sent again
+                        outcome = Outcome.UNKNOWN if lost else Outcome.DEFERRED
+                        done = [(item, Result(outcome, None, str(exc))) for item in batch]
+                        with self.lock:
+                            smtp = self.nl.config.smtp
+                            self.report.error = str(exc) if lost else f"SMTP server {smtp.host}:{smtp.port}: {exc}"
+                        self.stop.set()
+            finally:
+                if done:
+                    with conn.begin():
+                        self._record(conn, done)
 
     def _record_and_claim(self, conn: Connection, done: list[tuple[_Claimed, Result]]) -> list[_Claimed]:
         with conn.begin():

@@ -59,6 +59,15 @@ def free_port() -> int:
             return port
 
 
+def children(pid: int) -> set[int]:
+    """The processes PID has started that are still running."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
 @dataclass
 class Caught:
     sender: str
@@ -330,6 +339,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.05)
+
+
+READERS = [f"reader{i:03d}@example.com" for i in range(120)]
+
+
+@pytest.fixture
+def readers(run, tmp_path: Path, feed: Path) -> list[str]:
+    """120 confirmed subscribers and one new post waiting to be announced."""
+    csv = tmp_path / "readers.csv"
+    csv.write_text("email\n" + "\n".join(READERS) + "\n")
+    assert run("subscribers", "import", str(csv)).exit_code == 0
+    assert run("posts", "fetch").exit_code == 0
+    publish(feed, "Storm warning", "storm")
+    return READERS
 
 
 @pytest.fixture

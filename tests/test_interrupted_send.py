@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 import subprocess
 import threading
@@ -16,20 +17,7 @@ from sqlalchemy import update
 from newsletter import threads
 from newsletter.models import SUBSCRIBERS
 
-from .conftest import SMTPSink, publish, wait_for
-
-READERS = [f"reader{i:03d}@example.com" for i in range(120)]
-
-
-@pytest.fixture
-def readers(run, tmp_path: Path, feed: Path) -> list[str]:
-    """120 confirmed subscribers and one new post waiting to be announced."""
-    csv = tmp_path / "readers.csv"
-    csv.write_text("email\n" + "\n".join(READERS) + "\n")
-    assert run("subscribers", "import", str(csv)).exit_code == 0
-    assert run("posts", "fetch").exit_code == 0
-    publish(feed, "Storm warning", "storm")
-    return READERS
+from .conftest import SMTPSink, children, wait_for
 
 
 def copies(*sinks: SMTPSink) -> collections.Counter[str]:
@@ -90,19 +78,25 @@ def _send_process(config_file: Path) -> subprocess.Popen[str]:
     )
 
 
+IN_PROCESS, FORKED = "processes = 1\n", "processes = 2\n"  # the send's own threads write, or child processes
+
+
+@pytest.mark.parametrize("extra_config", [IN_PROCESS, FORKED], ids=["threads", "child-processes"])
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stopped_midway_then_rerun_sends_everyone_exactly_once(
     readers, run, config_file, smtp_port, stop: signal.Signals
 ) -> None:
     """Ctrl-C, and SIGTERM as systemd, docker stop and timeout send it: the batches on the wire are finished
-    and recorded, the summary is printed, and the exit status is 128 + the signal."""
+    and recorded, the summary is printed, and the exit status is 128 + the signal. Child processes that
+    write (signalled too, as a terminal's Ctrl-C and systemd do) finish their batches for the send."""
     sink = Slow()
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     try:
         process = _send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
-        process.send_signal(stop)
+        for pid in [process.pid, *children(process.pid)]:
+            os.kill(pid, stop)
         output, _ = process.communicate(timeout=20)
         assert process.returncode == 128 + stop, output
         assert "interrupted: what was sent is recorded" in output and "Traceback" not in output
@@ -120,10 +114,12 @@ def test_stopped_midway_then_rerun_sends_everyone_exactly_once(
 @pytest.mark.parametrize(
     "extra_config, frequency, subject",
     [
-        ("", "instant", "Storm warning"),
-        ("[digest]\nsend_hour = 0\n", "daily", "Daily digest from Harbour Notes: Storm warning"),
+        (IN_PROCESS, "instant", "Storm warning"),
+        (FORKED, "instant", "Storm warning"),
+        (IN_PROCESS + "[digest]\nsend_hour = 0\n", "daily", "Daily digest from Harbour Notes: Storm warning"),
+        (FORKED + "[digest]\nsend_hour = 0\n", "daily", "Daily digest from Harbour Notes: Storm warning"),
     ],
-    ids=["notification", "daily-digest"],
+    ids=["notification-threads", "notification-child-processes", "digest-threads", "digest-child-processes"],
 )
 def test_kill_9_midway_then_rerun_misses_nobody(
     readers, nl, run, config_file, smtp_port, frequency: str, subject: str
@@ -138,7 +134,7 @@ def test_kill_9_midway_then_rerun_misses_nobody(
         process = _send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
         process.kill()
-        process.communicate(timeout=20)
+        process.communicate(timeout=20)  # child processes hold its output open: they are gone too
         rerun = run("send")
         assert rerun.exit_code == 0, rerun.output
     finally:

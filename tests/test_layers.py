@@ -39,6 +39,7 @@ LAYERS = {
         "posts",
         "feeds",
         "dispatch",
+        "couriers",
         "digests",
         "categories",
         "archive",
