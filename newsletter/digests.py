@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -65,49 +65,72 @@ def _parse(contents: str) -> tuple[str, list[int]]:
     return frequency, [int(i) for i in ids.split(",")]
 
 
-def assemble(nl: Newsletter, now: datetime) -> int:
-    """Make every digest due at NOW from the posts waiting for it; returns how many were made.
+READERS_PER_TRANSACTION = 20_000
+
+
+def assemble(nl: Newsletter, now: datetime) -> Iterator[int]:
+    """Make every digest due at NOW from the posts waiting for it, in one transaction for each
+    READERS_PER_TRANSACTION readers (by id); yields how many digests each made, once it is committed, so
+    they can be sent while the next are made.
 
     Readers due with nothing waiting are marked served all the same: a period without posts sends nothing.
     """
     current = periods(nl.config.digest, now)
-    due = _due(current)
-    with nl.engine.begin() as conn:
-        lock(conn)
-        before = conn.scalar(select(func.max(DIGESTS.c.id))) or 0
-        waiting = (
-            select(DELIVERIES.c.subscriber_id, SUBSCRIBERS.c.frequency, DELIVERIES.c.post_id)
-            .join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
-            .where(DELIVERIES.c.status == DeliveryStatus.WAITING, due)
-            .order_by(DELIVERIES.c.subscriber_id, DELIVERIES.c.post_id)
-            .subquery()
-        )
-        starts = [(waiting.c.frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
-        period = case(*starts, else_=literal(now, UTCDateTime()))
-        contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # "daily:3,5,8"
-        conn.execute(
-            insert(DIGESTS).from_select(
-                ["subscriber_id", "period", "contents", "status"],
-                select(waiting.c.subscriber_id, period, contents, literal(DeliveryStatus.PENDING.value)).group_by(
-                    waiting.c.subscriber_id, waiting.c.frequency
-                ),
+    after: int | None = 0
+    analysed = False
+    while after is not None:
+        with nl.engine.begin() as conn:
+            lock(conn)
+            last = conn.scalar(
+                select(SUBSCRIBERS.c.id)
+                .where(SUBSCRIBERS.c.id > after)
+                .order_by(SUBSCRIBERS.c.id)
+                .offset(READERS_PER_TRANSACTION - 1)
+                .limit(1)
             )
+            span = SUBSCRIBERS.c.id > after if last is None else SUBSCRIBERS.c.id.between(after + 1, last)
+            made = _assemble(conn, current, now, and_(_due(current), span))
+        if made and not analysed:
+            db.refresh_statistics(nl.engine, DIGESTS.name)
+            analysed = True
+        after = last
+        yield made
+
+
+def _assemble(conn: Connection, current: dict[str, datetime], now: datetime, due: ColumnElement[bool]) -> int:
+    """The digests of the readers DUE selects, in CONN's transaction; returns how many were made."""
+    before = conn.scalar(select(func.max(DIGESTS.c.id))) or 0
+    waiting = (
+        select(DELIVERIES.c.subscriber_id, SUBSCRIBERS.c.frequency, DELIVERIES.c.post_id)
+        .join(SUBSCRIBERS, SUBSCRIBERS.c.id == DELIVERIES.c.subscriber_id)
+        .where(DELIVERIES.c.status == DeliveryStatus.WAITING, due)
+        .order_by(DELIVERIES.c.subscriber_id, DELIVERIES.c.post_id)
+        .subquery()
+    )
+    starts = [(waiting.c.frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
+    period = case(*starts, else_=literal(now, UTCDateTime()))
+    contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # "daily:3,5,8"
+    conn.execute(
+        insert(DIGESTS).from_select(
+            ["subscriber_id", "period", "contents", "status"],
+            select(waiting.c.subscriber_id, period, contents, literal(DeliveryStatus.PENDING.value)).group_by(
+                waiting.c.subscriber_id, waiting.c.frequency
+            ),
         )
-        made = conn.scalar(select(func.count()).where(DIGESTS.c.id > before)) or 0
-        if made:
-            conn.execute(
-                update(DELIVERIES)
-                .where(
-                    DELIVERIES.c.status == DeliveryStatus.WAITING,
-                    DIGESTS.c.subscriber_id == DELIVERIES.c.subscriber_id,
-                    DIGESTS.c.id > before,
-                )
-                .values(status=DeliveryStatus.DIGESTED, digest_id=DIGESTS.c.id)
-            )
-        for frequency, start in current.items():
-            conn.execute(update(SUBSCRIBERS).where(due, SUBSCRIBERS.c.frequency == frequency).values(digest_at=start))
+    )
+    made = conn.scalar(select(func.count()).where(DIGESTS.c.id > before)) or 0
     if made:
-        db.refresh_statistics(nl.engine, DIGESTS.name)
+        conn.execute(
+            update(DELIVERIES)
+            .where(
+                DELIVERIES.c.status == DeliveryStatus.WAITING,
+                DIGESTS.c.subscriber_id == DELIVERIES.c.subscriber_id,
+                DIGESTS.c.id > before,
+            )
+            .values(status=DeliveryStatus.DIGESTED, digest_id=DIGESTS.c.id)
+        )
+    for frequency, start in current.items():
+        conn.execute(update(SUBSCRIBERS).where(due, SUBSCRIBERS.c.frequency == frequency).values(digest_at=start))
     return made
 
 

@@ -231,14 +231,41 @@ def send(
         if not _count(nl, queue, DeliveryStatus.PENDING, DeliveryStatus.SENDING):
             with nl.sessions.begin() as session:
                 session.execute(update(Post).where(Post.id == post.id).values(announced_at=utcnow()))
-    digests.assemble(nl, now or utcnow())
-    queue = _digest_queue(nl)
-    report.digests = _count(nl, queue, DeliveryStatus.PENDING)
-    if report.digests:
-        if on_post:
-            on_post("digests", report.digests)
-        _Sender(nl, sender_id, queue, report, progress, quota, pace, stop).run()
+    sender = _Sender(nl, sender_id, _digest_queue(nl), report, progress, quota, pace, stop)
+    _send_digests(nl, now or utcnow(), sender, on_post)
     return report
+
+
+def _send_digests(nl: Newsletter, now: datetime, sender: _Sender, on_post: Callable[[str, int], None] | None) -> None:
+    """Make the digests due at NOW and send them with SENDER: the first transaction's digests are made
+    first, the rest in a thread while the sender sends what is made (it waits for them)."""
+    report = sender.report
+    due = sum(digests.upcoming(nl, now, 0).readers.values())
+    report.digests = _count(nl, sender.queue, DeliveryStatus.PENDING) + due
+    assembly = digests.assemble(nl, now)
+    next(assembly)
+    if not report.digests:  # mark the other readers served; a post queued meanwhile may have made some
+        for _ in assembly:
+            pass
+        report.digests = _count(nl, sender.queue, DeliveryStatus.PENDING)
+        if not report.digests:
+            return
+    if on_post:
+        on_post("digests", report.digests)
+    failure: list[Exception] = []
+
+    def assemble_rest() -> None:
+        try:
+            for _ in assembly:
+                if sender.stop.is_set() or sender.halt.is_set():
+                    return
+        except Exception as exc:
+            failure.append(exc)
+
+    sender.assembled = threads.start(assemble_rest, "digests")
+    sender.run()
+    if failure:
+        raise failure[0]
 
 
 def _post_queue(nl: Newsletter, post: Post) -> _Queue:
@@ -352,6 +379,8 @@ class _Sender:
         self.requeued = 0
         self.stop = threading.Event()  # an SMTP error or a stop signal: this pass claims no more
         self.halt = halt or threading.Event()  # the caller's: the whole send stops
+        self.assembled = threading.Event()  # clear while rows are still being made for the first pass
+        self.assembled.set()
         # Built once and run on the driver's cursor: a batch costs the database less than SQLAlchemy's work.
         engine, table = nl.engine, self.table
         due = (
@@ -402,6 +431,7 @@ class _Sender:
                 self.report.quota_reached = True
             if self.report.error or self.report.quota_reached or not self.requeued:
                 break
+        threads.wait([self.assembled])
         self.report.deferred += _count(self.nl, self.queue, DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 
     def _forks(self) -> int:
@@ -419,8 +449,11 @@ class _Sender:
             try:
                 while True:
                     batch = self._record_and_claim(conn, done)
-                    if not batch:
+                    if batch is None:
                         return
+                    if not batch:
+                        self.assembled.wait(0.05)
+                        continue
                     letters: list[Letter] = []
                     templates: dict[Hashable, MessageTemplate] = {}
                     for item in batch:
@@ -443,7 +476,9 @@ class _Sender:
                     with conn.begin():
                         self._record(conn, done)
 
-    def _record_and_claim(self, conn: Connection, done: list[tuple[_Claimed, Result]]) -> list[_Claimed]:
+    def _record_and_claim(self, conn: Connection, done: list[tuple[_Claimed, Result]]) -> list[_Claimed] | None:
+        """Record DONE and claim the next batch; None when this pass is over for the caller's connection, an
+        empty batch when none is ready yet (digests still being made)."""
         with conn.begin():
             if done:
                 self._record(conn, done)
@@ -452,16 +487,22 @@ class _Sender:
                 with self.lock:
                     size = self.quota.take(self.nl.config.smtp.batch_size)
                 if not size:
-                    return []
-                claimed, unused = self._claim(conn, size)
+                    return None
+                final = self.assembled.is_set()  # before the claim, which then sees every row made
+                claimed, unused = self._claim(conn, size, final)
                 with self.lock:
                     self.quota.give_back(unused)
-                if claimed or self.cursor is None:
+                if claimed:
                     return claimed
-            return []
+                if self.cursor is None:
+                    return None
+                if not final:
+                    return []
+            return None
 
-    def _claim(self, conn: Connection, size: int) -> tuple[list[_Claimed], int]:
-        """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`.
+    def _claim(self, conn: Connection, size: int, final: bool = True) -> tuple[list[_Claimed], int]:
+        """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`. Finding none ends
+        the pass when FINAL (no more rows will be made during it).
 
         Returns the rows to send and how many of SIZE were not used for sending.
         """
@@ -472,7 +513,8 @@ class _Sender:
         rows = self.claim.run(conn.connection.cursor(), sending, after=after, size=size)
         with self.lock:
             if not rows:
-                self.cursor = None
+                if final:
+                    self.cursor = None
                 return [], size
             if self.cursor is not None:
                 self.cursor = max(self.cursor, rows[-1][0])

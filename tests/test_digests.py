@@ -13,7 +13,7 @@ from email import message_from_bytes, policy
 import pytest
 from sqlalchemy import func, select, update
 
-from newsletter import db, dispatch, roster
+from newsletter import db, digests, dispatch, roster
 from newsletter.config import DigestConfig
 from newsletter.digests import periods
 from newsletter.mailer import MemoryTransport
@@ -110,6 +110,15 @@ def inbox(memory: MemoryTransport) -> list[tuple[str, str, list[str]]]:
     return found
 
 
+@pytest.fixture(params=[digests.READERS_PER_TRANSACTION, 2], ids=["one-transaction", "two-readers-a-transaction"])
+def readers_per_transaction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many readers' digests are made in one transaction; with 2, the send starts on the first
+    transaction's digests while the others are being made."""
+    monkeypatch.setattr(digests, "READERS_PER_TRANSACTION", request.param)
+    return request.param
+
+
+@pytest.mark.usefixtures("readers_per_transaction")
 def test_instant_daily_and_weekly_readers_over_a_week(nl: Newsletter, memory: MemoryTransport) -> None:
     reader(nl, "now@example.com", "instant")
     reader(nl, "day@example.com", "daily")
@@ -160,6 +169,7 @@ def test_a_reader_back_on_instant_gets_what_waited_at_once(nl: Newsletter, memor
     assert inbox(memory) == [("reader@example.com", "c", ["c"])]
 
 
+@pytest.mark.usefixtures("readers_per_transaction")
 def test_every_post_reaches_every_reader_once_whatever_they_switch_to(nl: Newsletter, memory: MemoryTransport) -> None:
     """Ten readers switch frequency at random over four weeks of posts and sends every few hours."""
     rng = random.Random(20261203)
@@ -242,6 +252,7 @@ def a_day_passes(nl: Newsletter) -> None:
             )
 
 
+@pytest.mark.usefixtures("readers_per_transaction")
 def test_max_per_day_holds_digests_too_and_the_next_day_sends_the_rest(
     five_a_day, nl: Newsletter, memory: MemoryTransport
 ) -> None:
