@@ -15,22 +15,21 @@ import os
 import signal
 import threading
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from .mailer import Envelope, Result, Transport
+from .mailer import Envelope, Outcome, Result, Transport
 from .messages import MessageTemplate
 from .runtime import Newsletter
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-@dataclass(frozen=True)
-class Letter:
+class Letter(NamedTuple):
     """One list email: a ledger row of KIND ("d" deliveries, "g" digests), its reader, its Message-ID and
-    the key of the template it is made from."""
+    the key of the template it is made from. (A tuple: a batch goes to a child as plain tuples, which cost
+    a fraction of objects to pickle.)"""
 
     kind: str
     row_id: int
@@ -154,7 +153,7 @@ class _Forked:
     def send(self, letters: Sequence[Letter], templates: Templates) -> list[Result]:
         new = {key: templates[key] for key in {letter.template for letter in letters} - self.known}
         try:
-            self.pipe.send((letters, new))
+            self.pipe.send(([tuple(letter) for letter in letters], new))
             self.known.update(new)
             reply = self.pipe.recv()
         except (EOFError, OSError):
@@ -162,7 +161,7 @@ class _Forked:
             raise CourierLost(f"a sending process ended unexpectedly (exit code {self.process.exitcode})") from None
         if isinstance(reply, BaseException):
             raise reply
-        return reply
+        return [Result(Outcome(outcome), code, text, stage) for outcome, code, text, stage in reply]
 
 
 def _serve(nl: Newsletter, pipes: list[Connection], theirs: list[Connection]) -> None:
@@ -197,9 +196,10 @@ def _connection(nl: Newsletter, pipe: Connection) -> None:
                 return
             letters, new = work
             templates.update(new)
-            reply: list[Result] | BaseException
+            reply: list[tuple[str, int | None, str, str]] | BaseException
             try:
-                reply = _send(nl, transport, letters, templates)
+                results = _send(nl, transport, [Letter._make(letter) for letter in letters], templates)
+                reply = [(r.outcome.value, r.code, r.reply, r.stage) for r in results]
             except Exception as exc:
                 reply = exc
             try:

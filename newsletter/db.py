@@ -76,7 +76,7 @@ def make_engine(url: str) -> Engine:
             return engine
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     except (ArgumentError, ImportError) as exc:
-        raise ConfigError(hide_password(f"[database] url {url!r} cannot be used: {exc}")) from None
+        raise ConfigError(hide_password(f"[database] url {url!r} cannot be used: {_first_line(exc)}")) from None
 
 
 def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> None:

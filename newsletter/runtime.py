@@ -78,8 +78,13 @@ class Newsletter:
         bounce says which email failed; else the From address."""
         bounces = self.config.bounces
         if not bounces.address:
-            return self.config.from_address.addr_spec
+            return self.from_addr_spec
         return f"{bounces.local_part}+{self.tokens.return_token(kind, row_id)}@{bounces.domain}"
+
+    @functools.cached_property
+    def from_addr_spec(self) -> str:
+        """[smtp] from's address alone (worked out once: a send asks for it for every message)."""
+        return self.config.from_address.addr_spec
 
     def mailto_unsubscribe(self, kind: str, row_id: int) -> str | None:
         """The mailto: unsubscribe address of one list email, when [bounces] address says where mail is read."""

@@ -87,6 +87,15 @@ def test_a_database_password_never_appears_in_a_message(tmp_path: Path, url: str
     assert "hunter2" not in result.stderr and "news:***@127.0.0.1" in result.stderr
 
 
+def test_a_malformed_sqlite_url_is_refused_in_one_line(tmp_path: Path) -> None:
+    """SQLAlchemy's own message lists the URL forms over several lines; the command says the first."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[security]\nsecret_key = "{"s3cret-" * 6}"\n[database]\nurl = "sqlite://=//{tmp_path}/n.db"\n')
+    result = newsletter(config, "db", "upgrade")
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert "cannot be used: Invalid SQLite URL" in result.stderr
+
+
 def test_serve_warns_when_links_would_not_be_https(run, config_file: Path) -> None:
     config_file.write_text(config_file.read_text().replace("https://news.example.com", "http://news.example.com"))
     port = free_port()
