@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import subprocess
 from datetime import timedelta
 
 import pytest
@@ -19,7 +18,7 @@ from newsletter.runtime import Newsletter
 
 from .conftest import SMTPSink, children, wait_for
 from .test_digests import choose
-from .test_interrupted_send import Slow, copies
+from .test_interrupted_send import Slow, copies, send_process
 
 FORKED = "processes = 2\n"
 
@@ -96,12 +95,7 @@ def test_a_sending_process_killed_mid_batch_leaves_no_reader_behind(readers, run
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     try:
-        process = subprocess.Popen(
-            ["newsletter", "--config", str(config_file), "send"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        process = send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 25, timeout=20)
         victim = min(children(process.pid))
         os.kill(victim, signal.SIGKILL)

@@ -69,7 +69,7 @@ class Slow(SMTPSink):
         return await super().handle_DATA(server, session, envelope)
 
 
-def _send_process(config_file: Path) -> subprocess.Popen[str]:
+def send_process(config_file: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["newsletter", "--config", str(config_file), "send"],
         stdout=subprocess.PIPE,
@@ -93,7 +93,7 @@ def test_stopped_midway_then_rerun_sends_everyone_exactly_once(
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     try:
-        process = _send_process(config_file)
+        process = send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
         for pid in [process.pid, *children(process.pid)]:
             os.kill(pid, stop)
@@ -131,7 +131,7 @@ def test_kill_9_midway_then_rerun_misses_nobody(
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     try:
-        process = _send_process(config_file)
+        process = send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
         process.kill()
         process.communicate(timeout=20)  # child processes hold its output open: they are gone too
