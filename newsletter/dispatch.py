@@ -500,7 +500,7 @@ class _Sender:
                     return []
             return None
 
-    def _claim(self, conn: Connection, size: int, final: bool = True) -> tuple[list[_Claimed], int]:
+    def _claim(self, conn: Connection, size: int, final: bool) -> tuple[list[_Claimed], int]:
         """Mark the next rows `sending`; rows whose reader left meanwhile become `skipped`. Finding none ends
         the pass when FINAL (no more rows will be made during it).
 

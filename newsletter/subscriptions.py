@@ -324,7 +324,7 @@ def _outbox_row(
     return {
         "subscriber_id": subscriber_id,
         "kind": kind,
-        "sender": nl.config.from_address.addr_spec,
+        "sender": nl.from_addr_spec,
         "recipient": recipient,
         "message": message,
         "held": held,

@@ -18,6 +18,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.cookiejar import Cookie, DefaultCookiePolicy
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pytest
@@ -42,6 +43,7 @@ from newsletter.web.app import create_app
 from newsletter.worker import work_once
 
 FEEDS = Path(__file__).parent / "feeds"
+H = TypeVar("H")
 POSTGRES_URL = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL")
 
 
@@ -127,11 +129,19 @@ def smtp_port() -> int:
 
 @pytest.fixture
 def smtp(smtp_port: int) -> Iterator[SMTPSink]:
-    sink = SMTPSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+    with serving(SMTPSink(), smtp_port) as sink:
+        yield sink
+
+
+@contextlib.contextmanager
+def serving(handler: H, port: int) -> Iterator[H]:
+    """An SMTP server on PORT answering with HANDLER (an aiosmtpd handler) until the block ends."""
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
-    yield sink
-    controller.stop()
+    try:
+        yield handler
+    finally:
+        controller.stop()
 
 
 @contextlib.contextmanager

@@ -9,18 +9,15 @@ import signal
 from datetime import timedelta
 
 import pytest
-from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from newsletter import db, dispatch, roster
 from newsletter.models import Post, Subscriber, utcnow
 from newsletter.runtime import Newsletter
 
-from .conftest import SMTPSink, children, wait_for
+from .conftest import SMTPSink, children, serving, wait_for
 from .test_digests import choose
-from .test_interrupted_send import Slow, copies, send_process
-
-FORKED = "processes = 2\n"
+from .test_interrupted_send import FORKED, Slow, copies, send_process
 
 
 class Watching(SMTPSink):
@@ -62,14 +59,8 @@ def test_a_large_send_is_written_by_child_processes_each_reader_once_with_their_
         choose(nl, address, "daily")
     post(nl, "Second")
 
-    sink = Watching()
-    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    try:
-        with db.sender_lock(nl.engine) as sender_id:
-            report = dispatch.send(nl, sender_id, now=utcnow() + timedelta(days=1))
-    finally:
-        controller.stop()
+    with serving(Watching(), smtp_port) as sink, db.sender_lock(nl.engine) as sender_id:
+        report = dispatch.send(nl, sender_id, now=utcnow() + timedelta(days=1))
 
     assert (report.sent, report.failed, report.deferred, report.error) == (90, 0, 0, None)
     assert all(len(running) == 2 for running in sink.writers)  # the two children, and only they, were writing
@@ -91,10 +82,7 @@ def test_a_large_send_is_written_by_child_processes_each_reader_once_with_their_
 
 def test_a_sending_process_killed_mid_batch_leaves_no_reader_behind(readers, run, config_file, smtp_port) -> None:
     """Its batch may have gone out: it is counted as possibly duplicated and sent again by the next run."""
-    sink = Slow()
-    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    try:
+    with serving(Slow(), smtp_port) as sink:
         process = send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 25, timeout=20)
         victim = min(children(process.pid))
@@ -105,8 +93,6 @@ def test_a_sending_process_killed_mid_batch_leaves_no_reader_behind(readers, run
         assert "possibly duplicated" in output and "Traceback" not in output
         rerun = run("send")
         assert rerun.exit_code == 0, rerun.output
-    finally:
-        controller.stop()
     received = copies(sink)
     assert set(received) == set(readers)
     assert sum(n - 1 for n in received.values()) <= 10  # at most the killed child's batch

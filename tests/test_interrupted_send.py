@@ -17,7 +17,7 @@ from sqlalchemy import update
 from newsletter import threads
 from newsletter.models import SUBSCRIBERS
 
-from .conftest import SMTPSink, children, wait_for
+from .conftest import SMTPSink, children, serving, wait_for
 
 
 def copies(*sinks: SMTPSink) -> collections.Counter[str]:
@@ -51,13 +51,8 @@ def test_smtp_failing_midway_then_rerun(readers, run, smtp_port) -> None:
     assert "stopped: SMTP server" in first.output and "sent" in first.output
     assert 45 <= len(failing.messages) < len(readers)
 
-    healthy = SMTPSink()
-    controller = Controller(healthy, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    try:
+    with serving(SMTPSink(), smtp_port) as healthy:
         second = run("send")
-    finally:
-        controller.stop()
     assert second.exit_code == 0, second.output
     assert copies(failing, healthy) == collections.Counter(readers)
     assert "possibly duplicated" not in second.output
@@ -89,10 +84,7 @@ def test_stopped_midway_then_rerun_sends_everyone_exactly_once(
     """Ctrl-C, and SIGTERM as systemd, docker stop and timeout send it: the batches on the wire are finished
     and recorded, the summary is printed, and the exit status is 128 + the signal. Child processes that
     write (signalled too, as a terminal's Ctrl-C and systemd do) finish their batches for the send."""
-    sink = Slow()
-    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    try:
+    with serving(Slow(), smtp_port) as sink:
         process = send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
         for pid in [process.pid, *children(process.pid)]:
@@ -106,8 +98,6 @@ def test_stopped_midway_then_rerun_sends_everyone_exactly_once(
         assert interrupted_at < len(readers)
         rerun = run("send")
         assert rerun.exit_code == 0, rerun.output
-    finally:
-        controller.stop()
     assert copies(sink) == collections.Counter(readers)
 
 
@@ -127,18 +117,13 @@ def test_kill_9_midway_then_rerun_misses_nobody(
     """Notifications and digests share the ledger: after kill -9 only the batches in flight may repeat."""
     with nl.engine.begin() as conn:
         conn.execute(update(SUBSCRIBERS).values(frequency=frequency))
-    sink = Slow()
-    controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    try:
+    with serving(Slow(), smtp_port) as sink:
         process = send_process(config_file)
         wait_for(lambda: len(sink.messages) >= 30, timeout=20)
         process.kill()
         process.communicate(timeout=20)  # child processes hold its output open: they are gone too
         rerun = run("send")
         assert rerun.exit_code == 0, rerun.output
-    finally:
-        controller.stop()
     received = copies(sink)
     assert set(received) == set(readers)
     assert {m.message["Subject"] for m in sink.messages} == {subject}
