@@ -41,7 +41,15 @@ def periods(config: DigestConfig, now: datetime) -> dict[str, datetime]:
 
 def _due(current: dict[str, datetime]) -> ColumnElement[bool]:
     """Confirmed readers whose digest is due: daily or weekly ones not yet served this period, and readers
-    back on instant email (their waiting posts, if any, go out at once)."""
+    back on instant email (their waiting posts, if any, go out at once).
+
+    Served means a digest made at or after the period's start, or `digest_at` (the period last found with
+    nothing waiting) at or after it. A digest made marks only its own row, not the reader's.
+    """
+    period = case(
+        *((SUBSCRIBERS.c.frequency == frequency, literal(start, UTCDateTime())) for frequency, start in current.items())
+    )
+    made = select(DIGESTS.c.id).where(DIGESTS.c.subscriber_id == SUBSCRIBERS.c.id, DIGESTS.c.period >= period)
     served = SUBSCRIBERS.c.digest_at
     return and_(
         SUBSCRIBERS.c.status == Status.CONFIRMED,
@@ -52,6 +60,7 @@ def _due(current: dict[str, datetime]) -> ColumnElement[bool]:
             ),
             SUBSCRIBERS.c.frequency == CATCH_UP,
         ),
+        ~made.exists(),
     )
 
 
