@@ -21,13 +21,16 @@ import dkim
 import pytest
 from click.testing import CliRunner, Result
 
+from newsletter import db, dispatch, roster
 from newsletter.checks import Check, is_free_mail, run_checks
 from newsletter.cli import cli
 from newsletter.config import ConfigError, load_config
 from newsletter.runtime import Newsletter
 from newsletter.signing import load_signer
 
-from .conftest import free_port, publish
+from .conftest import free_port, publish, serving
+from .test_couriers import Watching, post
+from .test_interrupted_send import FORKED
 from .test_messages import raw_headers
 
 SELECTOR = "news2026"
@@ -177,14 +180,23 @@ def dkim_settings() -> dict[str, str] | None:
 
 
 @pytest.fixture
-def extra_config(request: pytest.FixtureRequest, dkim_settings: dict[str, str] | None, tmp_path: Path) -> str:
-    """Overrides the conftest fixture: a [dkim] section with a fresh key file when the test turns DKIM on."""
+def smtp_settings() -> str:
+    """Extra [smtp] lines for the test's configuration (tests parametrize this)."""
+    return ""
+
+
+@pytest.fixture
+def extra_config(
+    request: pytest.FixtureRequest, dkim_settings: dict[str, str] | None, smtp_settings: str, tmp_path: Path
+) -> str:
+    """Overrides the conftest fixture: SMTP_SETTINGS, then a [dkim] section with a fresh key file when the
+    test turns DKIM on."""
     if dkim_settings is None:
-        return ""
+        return smtp_settings
     pem, _ = request.getfixturevalue("key_pair")
     key_file = tmp_path / "dkim.pem"
     key_file.write_bytes(pem)
-    return dkim_section(key_file, **dkim_settings)
+    return smtp_settings + dkim_section(key_file, **dkim_settings)
 
 
 DKIM_ON = pytest.mark.parametrize("dkim_settings", [{}], ids=["dkim"])
@@ -399,6 +411,24 @@ def test_confirmation_welcome_and_test_copy_are_signed(dkim_settings, site, smtp
         assert {"from", "to", "subject", "date", "message-id", "mime-version", "content-type"} <= set(headers)
     assert "list-unsubscribe" not in signed_headers(confirmation)
     assert {"list-unsubscribe", "list-unsubscribe-post"} <= set(signed_headers(sent_copy.raw))
+
+
+@DKIM_ON
+@pytest.mark.parametrize("smtp_settings", [FORKED], ids=["child-processes"])
+def test_child_processes_sign_every_email_they_write(dkim_settings, smtp_settings, nl, smtp_port, key_pair) -> None:
+    """MSG-13 for a send large enough to be written by child processes (30 readers, 2 connections, batches
+    of 10): every reader's email verifies."""
+    readers = {f"reader{i:02d}@example.com" for i in range(30)}
+    for address in readers:
+        roster.add_subscriber(nl, address, confirmed=True)
+    post(nl, "Quay reopens")
+    with serving(Watching(), smtp_port) as sink, db.sender_lock(nl.engine) as sender_id:
+        report = dispatch.send(nl, sender_id)
+    assert (report.sent, report.failed) == (30, 0)
+    assert all(len(running) == 2 for running in sink.writers)
+    assert {recipient for message in sink.messages for recipient in message.recipients} == readers
+    dns = FakeDNS(key_pair[1])
+    assert all(dkim.verify(message.raw, dnsfunc=dns) for message in sink.messages)
 
 
 @pytest.mark.parametrize("dkim_settings", [{"domain": f"mail.{FROM_DOMAIN}"}], ids=["dkim-domain"])

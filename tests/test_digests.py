@@ -169,6 +169,36 @@ def test_a_reader_back_on_instant_gets_what_waited_at_once(nl: Newsletter, memor
     assert inbox(memory) == [("reader@example.com", "c", ["c"])]
 
 
+def test_the_digest_a_reader_had_counts_for_the_frequency_they_switch_to(
+    nl: Newsletter, memory: MemoryTransport
+) -> None:
+    """Monday's weekly digest does not serve Wednesday's daily one; Wednesday's daily digest serves the
+    weekly period that began on Monday."""
+    reader(nl, "switcher@example.com", "weekly")
+    reader(nl, "other@example.com", "daily")
+    publish(nl, "a", at(0, 6))
+    send(nl, at(0, 9))
+    assert sorted(inbox(memory)) == [
+        ("other@example.com", "Daily digest from Harbour Notes: a", ["a"]),
+        ("switcher@example.com", "Weekly digest from Harbour Notes: a", ["a"]),
+    ]
+    publish(nl, "b", at(2, 6))
+    choose(nl, "switcher@example.com", "daily")
+    send(nl, at(2, 9))
+    assert sorted(inbox(memory)) == [
+        ("other@example.com", "Daily digest from Harbour Notes: b", ["b"]),
+        ("switcher@example.com", "Daily digest from Harbour Notes: b", ["b"]),
+    ]
+    publish(nl, "c", at(2, 10))
+    choose(nl, "other@example.com", "weekly")
+    send(nl, at(2, 11))
+    assert inbox(memory) == []
+    send(nl, at(3, 9))
+    assert inbox(memory) == [("switcher@example.com", "Daily digest from Harbour Notes: c", ["c"])]
+    send(nl, at(7, 9))
+    assert inbox(memory) == [("other@example.com", "Weekly digest from Harbour Notes: c", ["c"])]
+
+
 @pytest.mark.usefixtures("readers_per_transaction")
 def test_every_post_reaches_every_reader_once_whatever_they_switch_to(nl: Newsletter, memory: MemoryTransport) -> None:
     """Ten readers switch frequency at random over four weeks of posts and sends every few hours."""

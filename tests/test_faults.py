@@ -370,8 +370,9 @@ class Clock(Pipelining):
         return "250 2.0.0 Ok"
 
 
-def test_max_per_second_is_the_rate_the_server_sees(run, nl, config_file, feed, smtp_port) -> None:
-    configure(config_file, connections=4, batch_size=20, max_per_second=200)
+@pytest.mark.parametrize("processes", [1, 2], ids=["threads", "child-processes"])
+def test_max_per_second_is_the_rate_the_server_sees(run, nl, config_file, feed, smtp_port, processes) -> None:
+    configure(config_file, connections=4, batch_size=20, max_per_second=200, processes=processes)
     readers = add_readers(nl, 2000)
     new_post(run, feed)
     sink = Clock()
