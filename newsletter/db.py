@@ -206,16 +206,20 @@ class DriverStatement:
 
 
 def ids_in(column: ColumnElement[int], name: str, bind: Connection | Engine) -> ColumnElement[bool]:
-    """COLUMN is one of the ids in parameter NAME, a single parameter however many ids (see ids_value): an
-    array on PostgreSQL, a JSON array read by json_each on SQLite."""
+    """COLUMN is one of the ids in parameter NAME, a single text parameter however many ids (see ids_value):
+    an array literal cast on PostgreSQL, a JSON array read by json_each on SQLite."""
+    ids = bindparam(name, type_=String())
     if _postgresql(bind):
-        return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type)))
-    return column.in_(select(literal_column("value")).select_from(func.json_each(bindparam(name, type_=String()))))
+        return column == any_(ids.cast(postgresql.ARRAY(column.type)))
+    return column.in_(select(literal_column("value")).select_from(func.json_each(ids)))
 
 
-def ids_value(ids: Sequence[int], bind: Connection | Engine) -> object:
-    """IDS as a parameter of ids_in, for a DriverStatement."""
-    return list(ids) if _postgresql(bind) else json.dumps(ids)
+def ids_value(ids: Sequence[int], bind: Connection | Engine) -> str:
+    """IDS as the parameter of ids_in. (Text, not a list: the driver inspects each int of a list to pick the
+    array's type, which took 130 µs of CPU a statement of 100 ids against 75 µs for the text.)"""
+    if _postgresql(bind):
+        return "{" + ",".join(map(str, ids)) + "}"
+    return json.dumps(ids)
 
 
 def joined_in_order(column: ColumnElement[int], bind: Connection | Engine) -> ColumnElement[str]:
