@@ -46,9 +46,7 @@ def _due(current: dict[str, datetime]) -> ColumnElement[bool]:
     Served means a digest made at or after the period's start, or `digest_at` (the period last found with
     nothing waiting) at or after it. A digest made marks only its own row, not the reader's.
     """
-    period = case(
-        *((SUBSCRIBERS.c.frequency == frequency, literal(start, UTCDateTime())) for frequency, start in current.items())
-    )
+    period = _start(SUBSCRIBERS.c.frequency, current)
     made = select(DIGESTS.c.id).where(DIGESTS.c.subscriber_id == SUBSCRIBERS.c.id, DIGESTS.c.period >= period)
     served = SUBSCRIBERS.c.digest_at
     return and_(
@@ -62,6 +60,14 @@ def _due(current: dict[str, datetime]) -> ColumnElement[bool]:
         ),
         ~made.exists(),
     )
+
+
+def _start(
+    frequency: ColumnElement[str], current: dict[str, datetime], otherwise: datetime | None = None
+) -> ColumnElement[datetime]:
+    """The start of the current period of the frequency in FREQUENCY; OTHERWISE (or NULL) for any other."""
+    whens = [(frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
+    return case(*whens, else_=None if otherwise is None else literal(otherwise, UTCDateTime()))
 
 
 def lock(conn: Connection) -> None:
@@ -116,8 +122,7 @@ def _assemble(conn: Connection, current: dict[str, datetime], now: datetime, due
         .order_by(DELIVERIES.c.subscriber_id, DELIVERIES.c.post_id)
         .subquery()
     )
-    starts = [(waiting.c.frequency == name, literal(start, UTCDateTime())) for name, start in current.items()]
-    period = case(*starts, else_=literal(now, UTCDateTime()))
+    period = _start(waiting.c.frequency, current, otherwise=now)
     contents = waiting.c.frequency + ":" + db.joined_in_order(waiting.c.post_id, conn)  # "daily:3,5,8"
     conn.execute(
         insert(DIGESTS).from_select(
